@@ -1,0 +1,346 @@
+"""The PSM model: SatMAE image path with metadata fusion, CLAP audio and text paths, Gaussian heads."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..constants import GSD, SAT_TYPES
+from ..errors import CheckpointError, InputError
+from .checkpoint import check_keys, read_checkpoint, save_safetensors, to_jsonable
+from .clap import ClapBranch, audio_features, load_audio, load_tokenizer, resolve_clap_config, tokenize
+from .fusion import MetaFuser, metadata_items
+from .heads import ProbEmbedding, Projector
+from .metadata import Metadata
+from .vit import SatViT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PSMConfig:
+    """What the model looks like; read from a checkpoint's hyper_parameters and weights."""
+
+    sat_type: str = "sentinel"
+    metadata_type: str = "none"
+    probabilistic: bool = True
+    fc_dim: int = 512
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    img_size: int = 224
+    fuser_layers: int = 3
+    fuser_heads: int = 8
+    text: bool = True
+    audio: bool = True
+
+    def __post_init__(self):
+        if self.sat_type not in SAT_TYPES:
+            raise CheckpointError(f"unknown sat_type {self.sat_type!r}: expected one of {', '.join(SAT_TYPES)}")
+
+    @property
+    def loss_type(self) -> str:
+        return "pcmepp" if self.probabilistic else "infonce"
+
+    @property
+    def uses_metadata(self) -> bool:
+        return bool(metadata_items(self.metadata_type))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PSMConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def infer(cls, state_dict: dict[str, torch.Tensor], hp: dict[str, Any]) -> "PSMConfig":
+        """From weights (depth, widths, heads present) and hyper_parameters (sat/metadata type)."""
+        pre = "sat_encoder.encoder."
+        try:
+            pw = state_dict[pre + "backbone.patch_embed.proj.weight"]
+            fc1 = state_dict[pre + "backbone.blocks.0.mlp.fc1.weight"]
+            proj = state_dict[pre + "projector.linear2.weight"]
+        except KeyError as exc:
+            raise CheckpointError(f"checkpoint lacks {exc.args[0]}: it is not a PSM SatMAE checkpoint; "
+                                  "use one of the official experiments (`psm-map weights`)") from None
+        depth = _count_indexed(state_dict, pre + "backbone.blocks.")
+        prob_keys = pre + "mean_head.linear1.weight" in state_dict
+        probabilistic = bool(hp.get("probabilistic", prob_keys)) if "probabilistic" in hp else prob_keys
+        if hp.get("loss_type") in ("pcmepp", "infonce"):
+            probabilistic = hp["loss_type"] == "pcmepp"
+        if probabilistic != prob_keys:
+            raise CheckpointError("checkpoint hyper_parameters and weights disagree on the loss type "
+                                  f"(loss_type={hp.get('loss_type')!r}, mean_head present: {prob_keys}): "
+                                  "the file is inconsistent; re-export it")
+        has_fuser = any(k.startswith(pre + "meta_fuser.") for k in state_dict)
+        mt = hp.get("metadata_type")
+        if mt is None:
+            items = [i for i, m in (("latlong", "location_fc"), ("month", "month_fc"), ("time", "time_fc"),
+                                    ("asource", "audio_source_fc"), ("tsource", "caption_source_fc"))
+                     if any(f"meta_embed.{m}." in k for k in state_dict)]
+            mt = "_".join(items) if items else "none"
+        if bool(metadata_items(mt)) != has_fuser:
+            raise CheckpointError(f"metadata_type {mt!r} does not match the weights (fusion weights "
+                                  f"present: {has_fuser}): the file is inconsistent; re-export it")
+        fuser_layers = 3
+        if has_fuser:
+            fuser_layers = _count_indexed(state_dict, pre + "meta_fuser.transformer_encoder.layers.")
+        embed_dim = pw.shape[0]
+        modality = str(hp.get("modality_type", ""))
+        text = any(k.startswith("text_encoder.") for k in state_dict)
+        if modality and ("text" in modality) != text:
+            log.warning("modality_type %r and weights disagree on the text encoder", modality)
+        sat_type = hp.get("sat_type", "sentinel")
+        return cls(
+            sat_type=sat_type, metadata_type=mt, probabilistic=probabilistic,
+            fc_dim=proj.shape[0], embed_dim=embed_dim, depth=depth,
+            num_heads=int(hp.get("num_heads", max(1, embed_dim // 64))),
+            mlp_ratio=fc1.shape[0] / embed_dim, patch_size=pw.shape[-1],
+            img_size=int(hp.get("sat_input_size", 224)), fuser_layers=fuser_layers,
+            text=text, audio=any(k.startswith("audio_encoder.") for k in state_dict),
+        )
+
+
+class SatEncoderCore(nn.Module):
+    """Keys ``backbone``, ``projector``, ``meta_fuser``, ``mean_head``, ``std_head``."""
+
+    def __init__(self, cfg: PSMConfig):
+        super().__init__()
+        self.backbone = SatViT(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                               cfg.mlp_ratio)
+        self.projector = Projector(cfg.embed_dim, cfg.fc_dim)
+        if cfg.uses_metadata:
+            self.meta_fuser = MetaFuser(cfg.metadata_type, cfg.fc_dim, cfg.fuser_heads, cfg.fuser_layers)
+        if cfg.probabilistic:
+            self.mean_head = Projector(cfg.fc_dim, cfg.fc_dim)
+            self.std_head = Projector(cfg.fc_dim, cfg.fc_dim)
+            nn.init.constant_(self.std_head.linear1.bias, -4.0)
+            nn.init.constant_(self.std_head.linear2.bias, -4.0)
+
+
+class SatEncoder(nn.Module):
+    def __init__(self, cfg: PSMConfig):
+        super().__init__()
+        self.encoder = SatEncoderCore(cfg)
+
+
+class PSM(nn.Module):
+    """Probabilistic Soundscape Mapping model (inference side).
+
+    >>> m = PSM.from_checkpoint("x.ckpt")
+    >>> s = m.embed_images(images, zoom_levels, metadata=None)   # ProbEmbedding
+    """
+
+    def __init__(self, config: PSMConfig, clap_config=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.clap_config = resolve_clap_config(clap_config)
+        self.compute_dtype = dtype
+        self.sat_encoder = SatEncoder(config)
+        if config.audio:
+            self.audio_encoder = ClapBranch("audio", self.clap_config, config.probabilistic, config.fc_dim)
+        if config.text:
+            self.text_encoder = ClapBranch("text", self.clap_config, config.probabilistic, config.fc_dim)
+        self.source: dict[str, Any] = {}
+        self.eval()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, clap_config=None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str = torch.float32) -> "PSM":
+        """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely."""
+        raw = read_checkpoint(path)
+        if raw.psm_config is not None:
+            cfg = PSMConfig.from_dict(raw.psm_config)
+        else:
+            cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
+        if clap_config is None and raw.clap_config is not None:
+            clap_config = raw.clap_config
+        with torch.device("meta"):
+            model = cls(cfg, clap_config, dtype=_as_dtype(dtype))
+        name = Path(path).name
+        expected = model.state_dict()
+        check_keys(expected, raw.state_dict, name)
+        sd = {k: v for k, v in raw.state_dict.items() if k in expected}
+        model.load_state_dict(sd, strict=False, assign=True)
+        model._materialise_missing_buffers()
+        model.source = {"path": str(Path(path).resolve()), "format": raw.format,
+                        "hyper_parameters": to_jsonable(raw.hyper_parameters)}
+        # compute in float32 whatever the storage dtype (official weights can be float16)
+        return model.to(device=device, dtype=torch.float32).eval()
+
+    def _materialise_missing_buffers(self) -> None:
+        """Index buffers absent from the file are rebuilt from a fresh module (they are constants)."""
+        for mname, module in self.named_modules():
+            for bname, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_meta:
+                    fresh = _fresh_buffer(self, mname, bname)
+                    module.register_buffer(bname, fresh, persistent=bname in module.state_dict())
+
+    def export_safetensors(self, path: str | os.PathLike) -> Path:
+        """Weights + model config + CLAP config in one memory-mappable file."""
+        meta = {"psm_config": asdict(self.config), "clap_config": self.clap_config.to_dict(),
+                "hyper_parameters": self.source.get("hyper_parameters", {})}
+        return save_safetensors(self.state_dict(), path, meta)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def resolution(self, zoom_levels) -> torch.Tensor:
+        """Metres per patch step for each zoom level (``zoom * gsd[sat_type]``), float32."""
+        zl = torch.as_tensor(zoom_levels).reshape(-1).tolist()
+        return torch.tensor([1.0 * z * GSD[self.config.sat_type] for z in zl], dtype=torch.float32)
+
+    # ------------------------------------------------------------------ image path
+    @torch.inference_mode()
+    def image_features(self, images: torch.Tensor, zoom_levels) -> torch.Tensor:
+        """``z_img``: the projector output before fusion, ``[B, fc_dim]`` float32."""
+        images = images.to(self.device, non_blocking=True)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        zl = torch.as_tensor(zoom_levels).reshape(-1)
+        if zl.numel() == 1 and images.shape[0] > 1:
+            zl = zl.expand(images.shape[0])
+        if zl.numel() != images.shape[0]:
+            raise InputError(f"{zl.numel()} zoom levels for {images.shape[0]} images: give one per image")
+        enc = self.sat_encoder.encoder
+        with self._autocast():
+            x = enc.backbone(images.float() if self.compute_dtype == torch.float32 else images,
+                             self.resolution(zl).to(self.device))
+            z = enc.projector(x)
+        return z.float()
+
+    @torch.inference_mode()
+    def embed_image_features(self, z_img: torch.Tensor, metadata: Metadata | None = None,
+                             fuse: bool = True) -> ProbEmbedding:
+        """Fusion (when the checkpoint has it and ``fuse``) and heads, from ``z_img``.
+
+        ``metadata=None`` on a fusion checkpoint masks every metadata item (the authors'
+        evaluation); ``fuse=False`` skips the fuser (the authors' mapping scripts).
+        """
+        enc = self.sat_encoder.encoder
+        z = z_img.to(self.device).float()
+        with self._autocast():
+            if fuse and hasattr(enc, "meta_fuser"):
+                inputs = metadata.encode(z.shape[0], self.device) if metadata is not None else None
+                z = enc.meta_fuser(z, inputs)
+            if self.config.probabilistic:
+                emb = ProbEmbedding.from_heads(enc.mean_head(z).float(), enc.std_head(z).float())
+            else:
+                emb = ProbEmbedding.from_heads(z.float(), None)
+        return emb
+
+    def embed_images(self, images: torch.Tensor, zoom_levels, metadata: Metadata | None = None,
+                     fuse: bool = True) -> ProbEmbedding:
+        """Gaussian embeddings of normalised images ``[B, 3, 224, 224]`` at ``zoom_levels`` ``[B]``."""
+        return self.embed_image_features(self.image_features(images, zoom_levels), metadata, fuse)
+
+    # ------------------------------------------------------------------ text / audio
+    def _branch(self, name: str) -> ClapBranch:
+        if not hasattr(self, name):
+            raise InputError(f"this checkpoint has no {name.split('_')[0]} encoder: use a checkpoint "
+                             "whose modality_type includes it")
+        return getattr(self, name)
+
+    @torch.inference_mode()
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ProbEmbedding:
+        ids = torch.as_tensor(input_ids).to(self.device)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
+        with self._autocast():
+            emb = self._branch("text_encoder")(input_ids=ids, attention_mask=mask)
+        return _float(emb)
+
+    @torch.inference_mode()
+    def embed_audio(self, input_features: torch.Tensor, is_longer: torch.Tensor | None = None) -> ProbEmbedding:
+        feats = torch.as_tensor(input_features).to(self.device).float()
+        if is_longer is None:
+            is_longer = torch.ones(feats.shape[0], 1, dtype=torch.bool)
+        is_longer = torch.as_tensor(is_longer).to(self.device).bool().reshape(-1, 1)
+        with self._autocast():
+            emb = self._branch("audio_encoder")(input_features=feats, is_longer=is_longer)
+        return _float(emb)
+
+    def embed_text_queries(self, texts: Sequence[str] | str, tokenizer=None, batch_size: int = 64) -> ProbEmbedding:
+        """Text strings -> embeddings. ``tokenizer``: a tokenizer, a folder, or None (roberta-base cache)."""
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenize(texts[i:i + batch_size], tokenizer)
+            out.append(self.embed_text(enc["input_ids"], enc["attention_mask"]))
+        return ProbEmbedding.cat(out)
+
+    def embed_audio_files(self, paths: Sequence[str | os.PathLike], seed: int = 0,
+                          batch_size: int = 8) -> ProbEmbedding:
+        """Audio files (anything soundfile reads) -> embeddings; mono, 48 kHz, CLAP features."""
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        out = []
+        for i in range(0, len(paths), batch_size):
+            waves = [load_audio(p) for p in paths[i:i + batch_size]]
+            feats = audio_features(waves, seed=seed)
+            out.append(self.embed_audio(feats["input_features"], feats["is_longer"]))
+        return ProbEmbedding.cat(out)
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self.config)
+        d["loss_type"] = self.config.loss_type
+        d["source"] = self.source.get("path")
+        return d
+
+
+def _count_indexed(state_dict: dict, prefix: str) -> int:
+    """Number of ``prefix.N.*`` submodules (e.g. transformer blocks)."""
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def _float(e: ProbEmbedding) -> ProbEmbedding:
+    lv = None if e.logvar is None else e.logvar.float()
+    return ProbEmbedding(e.mean.float(), e.raw_mean.float(), lv)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _fresh_buffer(model: PSM, module_name: str, buffer_name: str) -> torch.Tensor:
+    """Rebuild a constant index buffer that the checkpoint did not carry (its shape is known)."""
+    module = model.get_submodule(module_name)
+    shape = getattr(module, buffer_name).shape
+    if buffer_name == "position_ids":
+        return torch.arange(shape[-1]).expand(shape).contiguous()
+    if buffer_name == "token_type_ids":
+        return torch.zeros(shape, dtype=torch.long)
+    if buffer_name == "relative_position_index":  # Swin window attention (CLAP audio)
+        ws = module.window_size
+        ws = (ws, ws) if isinstance(ws, int) else tuple(ws)
+        coords = torch.stack(torch.meshgrid(torch.arange(ws[0]), torch.arange(ws[1]), indexing="ij"))
+        flat = coords.flatten(1)
+        rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += ws[0] - 1
+        rel[:, :, 1] += ws[1] - 1
+        rel[:, :, 0] *= 2 * ws[1] - 1
+        return rel.sum(-1).reshape(shape)
+    raise CheckpointError(f"checkpoint lacks the buffer {module_name}.{buffer_name}: re-export it")
