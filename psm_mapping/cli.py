@@ -73,6 +73,8 @@ def cmd_map(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import mapcli  # noqa: F401  (registers the map, query, info and weights commands)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:

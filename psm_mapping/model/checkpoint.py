@@ -98,8 +98,12 @@ def load_torch_file(path: str | os.PathLike) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    """First sentence of an exception's message, with its type when the text alone says little."""
     s = str(exc).strip().splitlines()
-    return (s[0] if s else type(exc).__name__)[:200]
+    text = s[0].split(". ")[0].rstrip(".") if s else ""
+    if " " not in text:  # e.g. KeyError(101), EOFError()
+        text = f"{type(exc).__name__} {text}".strip()
+    return text[:200]
 
 
 @dataclass

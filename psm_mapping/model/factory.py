@@ -91,12 +91,21 @@ def make_checkpoint(path: str | os.PathLike, sat_type: str = "sentinel", metadat
                                              **(hparams_extra or {})),
         "pytorch-lightning_version": "2.2.0", "epoch": 0, "global_step": 0,
     }
+    if clap_config is not None or model.clap_config.to_dict() != _default_clap_dict():
+        # our extension: a non-default CLAP travels with the file so it loads without --clap-config
+        ckpt["hyper_parameters"]["clap_config"] = model.clap_config.to_dict()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     torch.save(ckpt, tmp)
     os.replace(tmp, p)
     return p
+
+
+def _default_clap_dict() -> dict:
+    from .clap import default_clap_config
+
+    return default_clap_config().to_dict()
 
 
 def make_tokenizer(out_dir: str | os.PathLike, corpus: list[str] | None = None, vocab_size: int = 1000) -> Path:

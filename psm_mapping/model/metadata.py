@@ -12,14 +12,20 @@ from ..constants import AUDIO_SOURCES, CAPTION_SOURCES
 from ..errors import InputError
 
 
-def _as_array(value: Any, name: str, n: int | None, dtype) -> np.ndarray | None:
+def _as_array(value: Any, name: str, n: int | None, dtype, unknown: float | None = None) -> np.ndarray | None:
+    """``value`` as a flat array; ``None`` items become ``unknown`` (an error where that is None)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     arr = np.asarray(value)
     if arr.dtype == object:
-        return arr.reshape(-1) if arr.ndim else arr.reshape(1)
+        arr = arr.reshape(-1)
+        if any(v is None for v in arr):
+            if unknown is None:
+                raise InputError(f"metadata field {name!r} has missing values: give a number for every "
+                                 "sample, or leave the field out")
+            arr = np.asarray([unknown if v is None else v for v in arr], dtype=object)
     try:
         arr = arr.astype(dtype).reshape(-1)
     except (TypeError, ValueError) as exc:
@@ -80,12 +86,12 @@ class Metadata:
                 raise InputError("latitude out of range: use degrees in -90..90")
             if np.any(~np.isfinite(lon)) or np.any(np.abs(lon) > 180):
                 raise InputError("longitude out of range: use degrees in -180..180")
-        month = _as_array(self.month, "month", None, np.float64)
+        month = _as_array(self.month, "month", None, np.float64, unknown=0)
         if month is not None:
             bad = (month != np.round(month)) | (month < 0) | (month > 12)
             if np.any(bad):
                 raise InputError(f"month {month[bad][0]:g} out of range: use 1..12 (0 or None: unknown)")
-        hour = _as_array(self.hour, "hour", None, np.float64)
+        hour = _as_array(self.hour, "hour", None, np.float64, unknown=-1)
         if hour is not None:
             bad = (hour != np.round(hour)) | (hour < -1) | (hour > 23)
             if np.any(bad):
@@ -137,7 +143,7 @@ class Metadata:
         for item, value, period, lo in (("month", self.month, 12, 1), ("time", self.hour, 23, 0)):
             if value is None:
                 continue
-            v = bcast(_as_array(value, item, batch, np.float64), item)
+            v = bcast(_as_array(value, item, batch, np.float64, unknown=lo - 1), item)
             valid = v >= lo
             ang = 2 * math.pi * v / period
             enc = np.stack([np.sin(ang), np.cos(ang)], axis=1) * valid[:, None]

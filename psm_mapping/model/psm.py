@@ -162,8 +162,8 @@ class PSM(nn.Module):
             cfg = PSMConfig.from_dict(raw.psm_config)
         else:
             cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
-        if clap_config is None and raw.clap_config is not None:
-            clap_config = raw.clap_config
+        if clap_config is None:
+            clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
         with torch.device("meta"):
             model = cls(cfg, clap_config, dtype=_as_dtype(dtype))
         name = Path(path).name

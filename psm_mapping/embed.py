@@ -1,0 +1,152 @@
+"""Batched inference: uint8 chips -> image embeddings, on any device.
+
+Chips travel as uint8 (pinned on CUDA, non-blocking copies) and are normalised on the device;
+the ViT runs under bf16 autocast on GPU when asked. ``embed_block`` is the unit of work shared by
+the local and the dask drivers: read one block's imagery, cut chips, embed, return arrays.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .grid import Block, OutputGrid
+from .imagery.base import ImagerySource
+from .model import PSM, Metadata
+from .store import BlockEmbeddings
+from .tiling import ChipBatch, ChipWindow, block_valid_fraction, normalize_chips, read_chip_windows
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    return dev
+
+
+@dataclass
+class MetadataOptions:
+    """Run-wide metadata: location comes from each pixel; the rest is given or masked."""
+
+    month: int | None = None
+    hour: int | None = None
+    audio_source: str | int | None = None
+    caption_source: str | int | None = None
+    fuse: bool = True
+    use_location: bool = True
+
+    def __post_init__(self):
+        Metadata(month=self.month, hour=self.hour, audio_source=self.audio_source,
+                 caption_source=self.caption_source)  # validates ranges
+
+    def for_pixels(self, lon: np.ndarray, lat: np.ndarray) -> Metadata:
+        return Metadata(lat=lat if self.use_location else None, lon=lon if self.use_location else None,
+                        month=self.month, hour=self.hour, audio_source=self.audio_source,
+                        caption_source=self.caption_source)
+
+    def as_dict(self) -> dict:
+        return {"month": self.month, "hour": self.hour, "audio_source": self.audio_source,
+                "caption_source": self.caption_source, "fuse": self.fuse,
+                "use_location": self.use_location}
+
+
+@dataclass
+class Timings:
+    read_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    chips: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, other: "Timings") -> None:
+        self.read_s += other.read_s
+        self.model_s += other.model_s
+        self.write_s += other.write_s
+        self.chips += other.chips
+
+
+class ImageEmbedder:
+    """Wraps a model for chip batches: ``__call__(batch) -> (z_img, mean, logvar-derived stats)``."""
+
+    def __init__(self, model: PSM, device: torch.device, metadata: MetadataOptions):
+        self.model, self.device, self.metadata = model, device, metadata
+        self.pin = device.type == "cuda"
+        self.calls = 0
+
+    def __call__(self, batch: ChipBatch) -> dict[str, np.ndarray]:
+        self.calls += 1
+        chips = torch.from_numpy(batch.chips)
+        if self.pin:
+            chips = chips.pin_memory()
+        x = normalize_chips(chips, device=self.device)
+        z = self.model.image_features(x, torch.full((len(batch),), batch.zoom, dtype=torch.long))
+        return self.heads(z, batch.lon, batch.lat)
+
+    def heads(self, z: torch.Tensor, lon: np.ndarray, lat: np.ndarray) -> dict[str, np.ndarray]:
+        md = self.metadata.for_pixels(lon, lat)
+        emb = self.model.embed_image_features(z, md, fuse=self.metadata.fuse)
+        out = {"z_img": z.cpu().numpy().astype(np.float16), "mean": emb.mean.cpu().numpy().astype(np.float16)}
+        if emb.logvar is not None:
+            out["var_sum"] = emb.var_sum().cpu().numpy().astype(np.float32)
+            out["uncertainty"] = emb.uncertainty().cpu().numpy().astype(np.float32)
+        else:
+            out["var_sum"] = np.zeros(len(z), np.float32)
+            out["uncertainty"] = np.full(len(z), np.nan, np.float32)
+        return out
+
+
+def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource, zoom_levels: Iterable[int],
+               timings: Timings | None = None) -> dict[int, list[ChipWindow]]:
+    """Read a block's imagery: one window (plus halo) per zoom level, at the chip resolution."""
+    t0 = time.perf_counter()
+    out = {int(z): read_chip_windows(source, grid, block, int(z), grid.sat_type) for z in zoom_levels}
+    if timings is not None:
+        timings.read_s += time.perf_counter() - t0
+    return out
+
+
+def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: ImageEmbedder,
+                  batch_size: int = 64, min_valid: float = 0.5,
+                  timings: Timings | None = None) -> BlockEmbeddings:
+    """Cut chips from a block's windows, embed them, and assemble the block's arrays."""
+    zl = tuple(windows)
+    h, w, D = block.height, block.width, embedder.model.config.fc_dim
+    Z = len(zl)
+    res = BlockEmbeddings(
+        block=block,
+        z_img=np.full((Z, h, w, D), np.nan, np.float16), mean=np.full((Z, h, w, D), np.nan, np.float16),
+        var_sum=np.full((Z, h, w), np.nan, np.float32), uncertainty=np.full((Z, h, w), np.nan, np.float32),
+        valid=np.full((Z, h, w), np.nan, np.float32),
+    )
+    t = timings if timings is not None else Timings()
+    for k, z in enumerate(zl):
+        res.valid[k] = block_valid_fraction(block, windows[z])
+        for win in windows[z]:
+            res.faults += win.faults
+            for batch in win.batches(batch_size, min_valid, block):
+                t0 = time.perf_counter()
+                out = embedder(batch)
+                t.model_s += time.perf_counter() - t0
+                r, c = batch.rows - block.row_off, batch.cols - block.col_off
+                for name in ("z_img", "mean", "var_sum", "uncertainty"):
+                    getattr(res, name)[k, r, c] = out[name]
+                res.chips += len(batch)
+                t.chips += len(batch)
+    return res
+
+
+def embed_block(block: Block, *, grid: OutputGrid, source: ImagerySource, embedder: ImageEmbedder,
+                zoom_levels: Iterable[int], batch_size: int = 64, min_valid: float = 0.5,
+                timings: Timings | None = None) -> BlockEmbeddings:
+    """The unit of work: one block's imagery read, chips cut and embedded, arrays assembled."""
+    windows = read_block(block, grid=grid, source=source, zoom_levels=zoom_levels, timings=timings)
+    return embed_windows(block, windows, embedder, batch_size, min_valid, timings)
