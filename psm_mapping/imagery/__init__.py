@@ -14,8 +14,21 @@ from .base import ImagerySource, ImageryWindow, SourceInfo
 __all__ = ["ImagerySource", "ImageryWindow", "SourceInfo", "open_source"]
 
 
+def _accepted(cls, options: dict) -> dict:
+    """The options ``cls`` takes (a shared option set serves every backend)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
 def open_source(spec: str, **options) -> ImagerySource:
-    """Open an imagery source from a command-line spec (see module docstring)."""
+    """Open an imagery source from a command-line spec (see module docstring).
+
+    ``options`` may hold settings of several backends (``cache_dir``, ``stretch``, ...): each
+    backend takes the ones it knows."""
     from ..errors import ImageryError
 
     if not isinstance(spec, str) or not spec:
@@ -23,15 +36,17 @@ def open_source(spec: str, **options) -> ImagerySource:
     if spec.startswith("xyz:"):
         from .xyz import XYZSource
 
-        return XYZSource(spec[4:], **options)
+        return XYZSource(spec[4:], **_accepted(XYZSource, options))
     if spec.startswith("stac:"):
         from .stac import STACSource
 
-        return STACSource(spec[5:], **options)
+        return STACSource(spec[5:], **_accepted(STACSource, options))
     from . import presets
 
     if spec in presets.PRESETS:
-        return presets.open_preset(spec, **options)
+        from .xyz import XYZSource
+
+        return presets.open_preset(spec, **_accepted(XYZSource, options))
     from .local import LocalRasterSource
 
-    return LocalRasterSource(spec, **options)
+    return LocalRasterSource(spec, **_accepted(LocalRasterSource, options))
