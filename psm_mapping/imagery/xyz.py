@@ -426,7 +426,8 @@ class XYZSource(ImagerySource):
     def _resampling(self, ratio: float) -> Resampling:
         if self.resampling != "auto":
             return _RESAMPLING[self.resampling]
-        return Resampling.average if ratio > 1.01 else Resampling.bilinear
+        # cubic, like the local reader: GDAL antialiases it when downsampling (bicubic, as the spec)
+        return Resampling.cubic if ratio > 1.01 else Resampling.bilinear
 
     def footprint_lonlat(self):
         return self._bounds_lonlat
