@@ -2,7 +2,7 @@
 
 No pickle is ever executed: ``.ckpt`` files are read with ``torch.load(weights_only=True)``
 plus an allowlist of the few harmless types a Lightning checkpoint holds (``AttributeDict``,
-numpy scalars and dtypes). Anything else is refused with a :class:`CheckpointError` naming it.
+rebuilt as a plain dict, numpy scalars and dtypes). Anything else is refused with a :class:`CheckpointError` naming it.
 """
 from __future__ import annotations
 
@@ -28,16 +28,6 @@ TRAINING_ONLY_PREFIXES = ("criterion.",)
 SAFETENSORS_FORMAT = "psm-mapping/1"
 
 
-class AttributeDict(dict):
-    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access)."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError as exc:
-            raise AttributeError(key) from exc
-
-
 def _safe_globals() -> list:
     names = [
         "lightning.fabric.utilities.data.AttributeDict",
@@ -45,7 +35,9 @@ def _safe_globals() -> list:
         "lightning.pytorch.utilities.parsing.AttributeDict",
         "pytorch_lightning.utilities.parsing.AttributeDict",
     ]
-    out: list = [(AttributeDict, n) for n in names]
+    # torch's weights-only unpickler fills only plain dicts (SETITEMS), so Lightning's
+    # AttributeDict (a dict subclass holding nothing else) is rebuilt as a plain dict
+    out: list = [(dict, n) for n in names]
     try:
         from numpy._core import multiarray as _ma  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -92,7 +84,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
                                   "`psm-map convert` from a trusted copy, or export a plain state_dict") from None
         raise CheckpointError(f"{p.name} is not a readable PyTorch checkpoint ({_first_line(exc)}): "
                               "re-download it or check the path") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler runs no code; any failure = bad file
         raise CheckpointError(f"{p.name} is not a readable PyTorch checkpoint, or is truncated "
                               f"({_first_line(exc)}): re-download it or check the path") from None
 
@@ -230,4 +222,4 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 
 __all__ = ["RawCheckpoint", "read_checkpoint", "load_torch_file", "check_keys", "save_safetensors",
-           "file_sha256", "AttributeDict", "to_jsonable"]
+           "file_sha256", "to_jsonable"]

@@ -120,8 +120,8 @@ def make_tokenizer(out_dir: str | os.PathLike, corpus: list[str] | None = None, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_model(str(out))
-    fast = RobertaTokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"),
-                                model_max_length=512)
+    # from the folder (vocab.json + merges.txt): transformers 5 ignores vocab_file= keywords
+    fast = RobertaTokenizerFast.from_pretrained(str(out), model_max_length=512)
     fast.save_pretrained(str(out))
     return out
 
