@@ -94,28 +94,100 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
     sims = [np.full((Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((Z, H, W), np.nan, np.float32)
     done = store.done_mask()
+    if not rerun and blocks is None:
+        _query_slabs(store, qm, qvs if probabilistic else None, sims, unc, done)
+        return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
     lonlat = _LonLat(store) if rerun else None
     for b in (blocks if blocks is not None else store.iter_blocks()):
         if not done[b.row_off // spec.block_size, b.col_off // spec.block_size]:
             continue
         ys, xs = b.slices
-        if rerun:
-            d = store.read_block(b, ("z_img", "valid"))
-            mean, vs, u = _refuse(model, d["z_img"], metadata, *lonlat(b))
-            unc[:, ys, xs] = u
-        else:
-            d = store.read_block(b, ("mean", "var_sum", "uncertainty"))
-            mean, vs = d["mean"], d["var_sum"]
-            unc[:, ys, xs] = d["uncertainty"]
-        m = torch.from_numpy(np.ascontiguousarray(mean)).float().reshape(-1, mean.shape[-1])
-        dot = (m @ qm.T).reshape(Z, b.height, b.width, len(queries)).numpy()
+        sim, unc[:, ys, xs] = query_block(store, b, qm, qvs if probabilistic else None,
+                                          model=model if rerun else None, metadata=metadata, lonlat=lonlat)
         for q in range(len(queries)):
-            if probabilistic:
-                s = -(2.0 - 2.0 * dot[..., q] + vs + float(qvs[q]))
-            else:
-                s = dot[..., q]
-            sims[q][:, ys, xs] = s
+            sims[q][:, ys, xs] = sim[q]
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
+
+
+#: float16 bytes of ``mean`` read per slab by the fast path (a band of blocks, capped in width)
+SLAB_BYTES = 64 << 20
+
+
+def _query_slabs(store: EmbeddingStore, qm: torch.Tensor, qvs: torch.Tensor | None,
+                 sims: list[np.ndarray], unc: np.ndarray, done: np.ndarray) -> None:
+    """The whole store with the stored metadata: ``var_sum`` and ``uncertainty`` in one read each,
+    ``mean`` in slabs of whole chunks (one read per band of blocks: the chunks decode
+    concurrently, no per-block Python overhead), float16 -> float32 and one matrix product per
+    slab. Blocks not marked done stay NaN."""
+    spec = store.spec
+    Z, H, W, D, bs = len(spec.zoom_levels), spec.height, spec.width, spec.fc_dim, spec.block_size
+    vs_all = store.read("var_sum") if qvs is not None else None
+    unc[:] = store.read("uncertainty")
+    step = max(1, SLAB_BYTES // (Z * bs * bs * D * 2)) * bs  # columns per slab, whole blocks
+    qt = qm.T.contiguous().float()
+    for bi, r in enumerate(range(0, H, bs)):
+        h = min(bs, H - r)
+        for c in range(0, W, step):
+            if not done[bi, c // bs:(c + step) // bs + 1].any():
+                continue
+            w = min(step, W - c)
+            mean = torch.from_numpy(store.read("mean", slice(r, r + h), slice(c, c + w))).reshape(-1, D)
+            dot = _dot_f16(mean, qt).numpy().reshape(Z, h, w, -1)
+            for q, s in enumerate(sims):
+                if qvs is not None:
+                    s[:, r:r + h, c:c + w] = 2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs_all[:, r:r + h, c:c + w]
+                else:
+                    s[:, r:r + h, c:c + w] = dot[..., q]
+    if not done.all():
+        nd = np.repeat(np.repeat(~done, bs, axis=0), bs, axis=1)[:H, :W]
+        unc[:, nd] = np.nan
+        for s in sims:
+            s[:, nd] = np.nan
+
+
+#: rows converted float16 -> float32 at a time: the float32 copy stays in cache for the product
+_DOT_ROWS = 2048
+
+
+def _dot_f16(m16: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+    """``m16.float() @ qt`` for float16 rows ``[N, D]``, converted piece by piece in cache."""
+    n = m16.shape[0]
+    out = torch.empty((n, qt.shape[1]), dtype=torch.float32)
+    buf = torch.empty((min(n, _DOT_ROWS), m16.shape[1]), dtype=torch.float32)
+    # memory bound: one thread does it at memory speed, and a busy machine cannot stall it in
+    # OpenMP barriers (with 2 threads on a loaded 2-core host each piece took 50x longer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, n, _DOT_ROWS):
+            k = min(_DOT_ROWS, n - i)
+            b = buf[:k]
+            b.copy_(m16[i:i + k])
+            torch.mm(b, qt, out=out[i:i + k])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Tensor | None,
+                model: PSM | None = None, metadata=None, lonlat=None) -> tuple[np.ndarray, np.ndarray]:
+    """One block's similarity ``[Q, Z, h, w]`` and uncertainty ``[Z, h, w]`` (float32).
+
+    ``qvs``: the queries' var sums (None: cosine similarity); ``model``: re-run fusion and heads
+    from ``z_img`` with ``metadata`` (``lonlat``: a :class:`_LonLat` of the store)."""
+    Z = len(store.spec.zoom_levels)
+    if model is not None:
+        d = store.read_block(b, ("z_img",))
+        mean, vs, u = _refuse(model, d["z_img"], metadata, *(lonlat or _LonLat(store))(b))
+    else:
+        d = store.read_block(b, ("mean", "var_sum", "uncertainty"))
+        mean, vs, u = d["mean"], d["var_sum"], d["uncertainty"]
+    m = torch.from_numpy(np.ascontiguousarray(mean)).float().reshape(-1, mean.shape[-1])
+    dot = (m @ qm.T).reshape(Z, b.height, b.width, qm.shape[0]).numpy()
+    sim = np.empty((qm.shape[0], Z, b.height, b.width), np.float32)
+    for q in range(qm.shape[0]):
+        sim[q] = -(2.0 - 2.0 * dot[..., q] + vs + float(qvs[q])) if qvs is not None else dot[..., q]
+    return sim, np.asarray(u, np.float32)
 
 
 class _LonLat:

@@ -66,6 +66,8 @@ class MapConfig:
     progress: bool = True
     imagery_options: dict = field(default_factory=dict)
     extra_tags: dict = field(default_factory=dict)
+    #: fsspec storage options for a remote ``store`` URL (e.g. S3 ``key``/``secret``/``client_kwargs``)
+    store_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -81,11 +83,14 @@ class MapRun:
     image_model_calls: int
     seconds: dict[str, float]
     faults: int = 0
+    #: dask runs only: blocks that ran more than once (worker lost or task error retried)
+    blocks_retried: int | None = None
 
     def summary(self) -> str:
         s = self.seconds
+        retried = "" if self.blocks_retried is None else f"; blocks retried {self.blocks_retried}"
         lines = [f"pixels {self.pixels:,}; chips embedded {self.chips:,}; blocks {self.blocks_computed} "
-                 f"computed / {self.blocks_total} total; tile faults {self.faults}",
+                 f"computed / {self.blocks_total} total{retried}; tile faults {self.faults}",
                  "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()),
                  f"store: {self.store}"]
         for k, v in self.outputs.items():
@@ -94,13 +99,21 @@ class MapRun:
 
 
 def resolve_checkpoint(path: str | None) -> Path:
-    """``--checkpoint``, else ``$PSM_CHECKPOINT``, else the single file in the cache folder."""
+    """``--checkpoint`` (a path, or an official experiment name found in the cache), else
+    ``$PSM_CHECKPOINT``, else the single file in the cache folder."""
+    from .weights import EXPERIMENTS, cache_dir
+
+    path = path or os.environ.get("PSM_CHECKPOINT")
     if path:
-        return Path(path)
-    env = os.environ.get("PSM_CHECKPOINT")
-    if env:
-        return Path(env)
-    from .weights import cache_dir
+        p = Path(path).expanduser()
+        if not p.exists() and str(path) in EXPERIMENTS:
+            cached = cache_dir() / f"{path}.ckpt"
+            if not cached.is_file():
+                raise CheckpointError(f"checkpoint {path} is not in the cache {cache_dir()}: run "
+                                      f"`psm-map weights download {path}` (needs a network) or pass "
+                                      "--checkpoint PATH")
+            return cached
+        return p
 
     found = sorted(cache_dir().glob("*.ckpt")) + sorted(cache_dir().glob("*.safetensors"))
     if len(found) == 1:
@@ -110,7 +123,8 @@ def resolve_checkpoint(path: str | None) -> Path:
                           + (f"; the cache {cache_dir()} holds {len(found)} files, pick one" if found else ""))
 
 
-def _check_output(out: str, overwrite: bool) -> None:
+def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
+    """Refuse early (before any long work) what the writers would refuse at the end."""
     if "://" in str(out):
         return
     p = Path(out)
@@ -121,6 +135,13 @@ def _check_output(out: str, overwrite: bool) -> None:
         raise OutputError(f"output folder {parent} is not writable: choose another --out")
     if p.exists() and not overwrite:
         raise OutputError(f"{p} exists: pass --overwrite to replace it, or choose another --out")
+    if previews and not overwrite:
+        from .writers import default_preview_dir
+
+        pd = default_preview_dir(p)
+        if pd.exists():
+            raise OutputError(f"preview folder {pd} exists: pass --overwrite to replace it, "
+                              "--no-previews, or choose another --out")
 
 
 def default_store_dir(out: str) -> str:
@@ -218,8 +239,30 @@ def _timed(fn, *a):
     return out, time.perf_counter() - t0
 
 
-def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
-    """Run the whole pipeline for ``cfg``; see :class:`MapConfig`."""
+@dataclass
+class PreparedRun:
+    """Everything both drivers (local and dask) need before the block loop. ``source`` is open:
+    the caller closes it (``with prep.source: ...``)."""
+
+    cfg: MapConfig
+    md: MetadataOptions
+    model: Any
+    ckpt: Path
+    device: Any
+    sha: str
+    queries: list
+    region: Any
+    grid: OutputGrid
+    source: Any
+    spec: StoreSpec
+    store_url: str
+    store: EmbeddingStore
+    tags: dict
+    t_start: float
+
+
+def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
+    """Check the inputs, load model and queries, build the grid, open the imagery and the store."""
     from .imagery import open_source
     from .region import load_region
 
@@ -231,18 +274,19 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
                          "(`psm-map --imagery` lists the presets)")
     if not cfg.queries and not cfg.audio:
         raise InputError("no query given: pass --query TEXT and/or --audio FILE")
-    _check_output(cfg.out, cfg.overwrite)
+    _check_output(cfg.out, cfg.overwrite, cfg.previews)
+    _check_numbers(cfg)
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
-    # model, tokenizer and query files first: their errors come before any long work
+    region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
+    # model, tokenizer and query files next: their errors come before any long work
     model, ckpt, device = load_model(cfg)
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
-    region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
     grid = make_grid(region, stride=cfg.stride, crs=cfg.crs, sat_type=model.config.sat_type,
                      zoom_levels=tuple(cfg.zoom_levels), max_pixels=cfg.max_pixels)
     log_fn(f"grid: {grid.width} x {grid.height} px of {grid.stride:g} m in {grid.crs.to_string()}; "
            f"{grid.estimate(cfg.block_size)}")
-    t_setup = time.perf_counter()
-    with open_source(cfg.imagery, **cfg.imagery_options) as source:
+    source = open_source(cfg.imagery, **cfg.imagery_options)
+    try:
         _check_overlap(source, region)
         sha = file_sha256(ckpt)
         spec = StoreSpec.for_grid(grid, block_size=cfg.block_size, zoom_levels=cfg.zoom_levels,
@@ -252,28 +296,62 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
         tags = provenance(model, sha, source, grid, md, cfg)
         store = EmbeddingStore.open_or_create(store_url, spec, attrs={
             "provenance": tags, "metadata_options": md.as_dict(), "region_name": grid.region_name,
-            "checkpoint_path": str(Path(ckpt).resolve())})
+            "checkpoint_path": str(Path(ckpt).resolve())}, storage_options=cfg.store_options or None)
+    except BaseException:
+        source.close()
+        raise
+    return PreparedRun(cfg, md, model, Path(ckpt), device, sha, queries, region, grid, source, spec,
+                       store_url, store, tags, t_start)
+
+
+def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
+    """Run the whole pipeline for ``cfg``; see :class:`MapConfig`."""
+    prep = prepare_run(cfg, log_fn)
+    t_setup = time.perf_counter()
+    store, grid = prep.store, prep.grid
+    with prep.source as source:
         timings = Timings()
-        embedder = ImageEmbedder(model, device, MetadataOptions(**store.attrs["metadata_options"]))
+        embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]))
         computed, total, faults = compute_store(store, grid, source, embedder, cfg, timings)
     if faults:
         log.warning("%d imagery tiles failed and were masked (see warnings above)", faults)
     t_embed = time.perf_counter()
-    maps = query_store(store, queries, model=model, metadata=md)
+    maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
     t_query = time.perf_counter()
-    result = build_map_result(maps, grid, tags, region, score=cfg.score)
+    result = build_map_result(maps, grid, prep.tags, prep.region, score=cfg.score)
     from .writers import write_outputs
 
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite)
     t_end = time.perf_counter()
     return MapRun(
-        outputs=_describe_outputs(outputs), store=store_url, pixels=grid.pixel_count,
+        outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
         chips=timings.chips, blocks_total=total, blocks_computed=computed,
         image_model_calls=embedder.calls, faults=faults,
-        seconds={"setup": t_setup - t_start, "read": timings.read_s, "model": timings.model_s,
+        seconds={"setup": t_setup - prep.t_start, "read": timings.read_s, "model": timings.model_s,
                  "store_write": timings.write_s, "embed_total": t_embed - t_setup,
-                 "query": t_query - t_embed, "write": t_end - t_query, "total": t_end - t_start},
+                 "query": t_query - t_embed, "write": t_end - t_query, "total": t_end - prep.t_start},
     )
+
+
+def _check_numbers(cfg: MapConfig) -> None:
+    """Cheap range checks, before the model loads."""
+    import math
+
+    if cfg.stride is not None:
+        try:
+            stride = float(cfg.stride)
+        except (TypeError, ValueError):
+            raise InputError(f"--stride {cfg.stride!r} is not a number: give metres, e.g. --stride 40") from None
+        if not math.isfinite(stride) or stride <= 0:
+            raise InputError(f"--stride {cfg.stride:g} must be positive: give the pixel size in metres, e.g. --stride 40")
+    if not cfg.zoom_levels or any(int(z) < 1 for z in cfg.zoom_levels):
+        raise InputError(f"bad --zoom-level {tuple(cfg.zoom_levels)}: give positive integers, e.g. 1,3,5")
+    for name, v in (("--batch-size", cfg.batch_size), ("--block-size", cfg.block_size),
+                    ("--max-pixels", cfg.max_pixels)):
+        if int(v) < 1:
+            raise InputError(f"{name} {v} must be at least 1")
+    if not 0.0 <= float(cfg.min_valid) <= 1.0:
+        raise InputError(f"--min-valid {cfg.min_valid} must be in [0, 1]")
 
 
 def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
@@ -338,6 +416,8 @@ def build_map_result(maps: QueryMaps, grid_or_store, tags: dict, region=None, sc
 
 
 def _masked(a: np.ndarray, mask) -> np.ndarray:
+    if hasattr(a, "dask") and mask is None:  # a lazy dask array (distributed runs) stays lazy
+        return a.astype(np.float32)
     a = np.asarray(a, dtype=np.float32)
     return a if mask is None else np.where(mask, a, np.nan).astype(np.float32)
 
@@ -348,8 +428,8 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     from .writers import write_outputs
 
     t0 = time.perf_counter()
-    store = EmbeddingStore.open(store_url)
-    _check_output(cfg.out, cfg.overwrite)
+    store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
+    _check_output(cfg.out, cfg.overwrite, cfg.previews)
     prov = dict(store.attrs.get("provenance", {}))
     if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
         cfg.checkpoint = store.attrs.get("checkpoint_path")

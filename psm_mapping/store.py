@@ -125,8 +125,9 @@ class EmbeddingStore:
         return store
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None) -> "EmbeddingStore":
-        group = _open_group(url, "r", storage_options)
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> "EmbeddingStore":
+        """Open an existing store (``mode="r+"`` to write blocks, e.g. from a dask worker)."""
+        group = _open_group(url, mode, storage_options)
         if group.attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{url} is not a psm-mapping embedding store: pass the .zarr folder "
                              "that `psm-map` wrote under --store")
@@ -196,11 +197,20 @@ class EmbeddingStore:
 
     def read_block(self, block: Block, names=ARRAYS, zoom_index: int | slice = slice(None)) -> dict:
         ys, xs = block.slices
-        out = {}
-        for n in names:
-            a = self.group[n]
-            out[n] = a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
-        return out
+        return {n: self.read(n, ys, xs, zoom_index, where=f"block {block.index}") for n in names}
+
+    def read(self, name: str, ys: slice = slice(None), xs: slice = slice(None),
+             zoom_index: int | slice = slice(None), where: str = "") -> np.ndarray:
+        """``name[zoom, ys, xs(, :)]`` in one read (several chunks decode concurrently); a chunk
+        that does not decode is a :class:`StoreError`."""
+        a = self.group[name]
+        try:
+            return a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
+        except Exception as exc:  # a chunk that does not decode (truncated, overwritten)
+            at = where or f"rows {ys.start}..{ys.stop}, columns {xs.start}..{xs.stop}"
+            raise StoreError(f"the store {self.url} has a corrupt chunk in {name!r} at {at} "
+                             f"({type(exc).__name__}: {exc}): remove the store and rerun to "
+                             "rebuild it") from None
 
     def iter_blocks(self, grid_blocks: Iterator[Block] | None = None) -> Iterator[Block]:
         """Every block of the store's grid (done or not), row-major."""

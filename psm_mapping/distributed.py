@@ -1,0 +1,591 @@
+"""The dask driver: the same blocks as the local driver, one task per block, on any
+``distributed`` cluster (a ``LocalCluster``, dask-jobqueue, Kubernetes, a cloud cluster).
+
+* Setup is :func:`psm_mapping.run.prepare_run`, shared with the local driver.
+* One task per block that is not done: it opens the store by URL (+ fsspec options), skips the
+  block if it is done, reads the imagery, cuts chips, embeds them with
+  :func:`psm_mapping.embed.embed_block` and writes the block's chunks, then its done flag.
+  Identical inputs give identical chunks, so a retried, re-run or resumed block changes nothing.
+* The model is loaded once per worker process (a cache keyed by checkpoint sha256, device and
+  dtype), the imagery source and store handle likewise; tasks carry only small descriptions.
+* Tasks are retried on errors (``retries``); dask reschedules the tasks of a lost worker.
+* Query maps are dask arrays computed block by block from the store; the COG is written by
+  odc-geo's dask writer, so no process holds the whole raster.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
+from .errors import CheckpointError, InputError, OutputError, StoreError
+from .grid import Block, OutputGrid
+from .query import QueryMaps, Query, _LonLat, _query_matrix, query_block
+from .store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BlockJob", "BlockStats", "TorchThreads", "connect", "embed_block_task", "process_cache_info",
+           "compute_store_distributed", "query_store_dask", "write_outputs_dask",
+           "map_region_distributed"]
+
+
+# --------------------------------------------------------------------------- task descriptions
+@dataclass(frozen=True)
+class BlockJob:
+    """What a block task needs besides the grid and the block: small and picklable."""
+
+    store_url: str
+    storage_options: dict
+    checkpoint: str
+    checkpoint_sha256: str
+    clap_config: str | None
+    device: str  # "auto" | "cpu" | "cuda" (resolved on the worker)
+    dtype: str  # "auto" | "float32" | "bfloat16" | "float16"
+    imagery: str
+    imagery_options: dict
+    metadata_options: dict
+    zoom_levels: tuple[int, ...]
+    batch_size: int = 64
+    min_valid: float = 0.5
+
+
+@dataclass
+class BlockStats:
+    """What one block task did (returned to the client)."""
+
+    index: tuple[int, int]
+    skipped: bool = False
+    chips: int = 0
+    faults: int = 0
+    model_calls: int = 0
+    read_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    seconds: float = 0.0
+    #: CPU seconds of the task's thread (seconds / cpu_s shows how contended the cores were)
+    cpu_s: float = 0.0
+    pid: int = 0
+    worker: str = ""
+    #: filled in by the client: 1 + retries after errors + reschedules after worker loss
+    attempts: int = 1
+
+
+# --------------------------------------------------------------------------- per-process cache
+class _ProcessCache:
+    """Models, imagery sources and store handles of one worker process (a lock guards loads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.models: dict[tuple, tuple[Any, Any]] = {}
+        self.sources: dict[str, Any] = {}
+        self.stores: dict[str, EmbeddingStore] = {}
+        self.loads = 0  # model loads in this process (tests and logs)
+
+    def store(self, url: str, storage_options: dict | None) -> EmbeddingStore:
+        key = url + json.dumps(storage_options or {}, sort_keys=True, default=str)
+        with self.lock:
+            if key not in self.stores:
+                self.stores[key] = EmbeddingStore.open(url, storage_options=storage_options or None,
+                                                       mode="r+")
+            return self.stores[key]
+
+    def source(self, spec: str, options: dict):
+        from .imagery import open_source
+
+        key = spec + json.dumps(options or {}, sort_keys=True, default=str)
+        with self.lock:
+            if key not in self.sources:
+                self.sources[key] = open_source(spec, **(options or {}))
+            return self.sources[key]
+
+    def model(self, job: BlockJob):
+        """(model, device) for ``job``'s checkpoint on this worker, loaded once per process."""
+        device = _worker_device(job.device)
+        from .run import _compute_dtype
+
+        dtype = _compute_dtype(job.dtype, device)
+        key = (job.checkpoint_sha256, str(device), dtype)
+        with self.lock:
+            if key not in self.models:
+                from .model import PSM
+                from .model.checkpoint import file_sha256
+
+                if not os.path.isfile(job.checkpoint):
+                    raise CheckpointError(f"checkpoint {job.checkpoint} is not on worker {_worker_name()}: "
+                                          "put it on a file system every worker reaches")
+                sha = file_sha256(job.checkpoint)
+                if sha != job.checkpoint_sha256:
+                    raise CheckpointError(f"checkpoint {job.checkpoint} on worker {_worker_name()} has sha256 "
+                                          f"{sha[:12]}, not the client's {job.checkpoint_sha256[:12]}: give "
+                                          "every worker the same file")
+                model = PSM.from_checkpoint(job.checkpoint, clap_config=job.clap_config, device=device,
+                                            dtype=dtype)
+                self.models[key] = (model, device)
+                self.loads += 1
+            return self.models[key]
+
+
+#: one per process: worker processes keep their model between tasks (by design)
+_CACHE = _ProcessCache()
+
+
+def process_cache_info() -> dict[str, int]:
+    """This process's cache: models loaded so far, models, sources and stores held
+    (``client.run(process_cache_info)`` asks every worker)."""
+    return {"model_loads": _CACHE.loads, "models": len(_CACHE.models), "sources": len(_CACHE.sources),
+            "stores": len(_CACHE.stores)}
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+def _worker_device(device: str):
+    """``cuda`` on a worker named by an integer (LocalCluster) picks GPU ``name % count``."""
+    import torch
+
+    from .embed import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+            if isinstance(name, int):
+                return torch.device("cuda", name % torch.cuda.device_count())
+        except ValueError:
+            pass
+    return dev
+
+
+def embed_block_task(job: BlockJob, grid: OutputGrid, block: Block) -> BlockStats:
+    """The dask task of one block: skip if done, else embed it and write its chunks + done flag."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    stats = BlockStats(tuple(block.index), pid=os.getpid(), worker=_worker_name())
+    store = _CACHE.store(job.store_url, job.storage_options)
+    if store.is_done(block):
+        stats.skipped = True
+        stats.seconds = time.perf_counter() - t0
+        return stats
+    model, device = _CACHE.model(job)
+    source = _CACHE.source(job.imagery, job.imagery_options)
+    embedder = ImageEmbedder(model, device, MetadataOptions(**job.metadata_options))
+    timings = Timings()
+    res = embed_block(block, grid=grid, source=source, embedder=embedder, zoom_levels=job.zoom_levels,
+                      batch_size=job.batch_size, min_valid=job.min_valid, timings=timings)
+    t1 = time.perf_counter()
+    store.write_block(res)
+    stats.write_s = time.perf_counter() - t1
+    stats.chips, stats.faults, stats.model_calls = res.chips, res.faults, embedder.calls
+    stats.read_s, stats.model_s = timings.read_s, timings.model_s
+    stats.seconds = time.perf_counter() - t0
+    stats.cpu_s = time.thread_time() - c0
+    return stats
+
+
+# --------------------------------------------------------------------------- cluster
+class TorchThreads(WorkerPlugin):
+    """Worker plugin: ``torch.set_num_threads`` so workers do not oversubscribe the cores.
+
+    ``threads`` fixed, or None: the host's cores divided by the worker threads on that host."""
+
+    name = "psm-torch-threads"
+
+    def __init__(self, threads: int | None = None, per_host: dict[str, int] | None = None):
+        self.threads, self.per_host = threads, dict(per_host or {})
+
+    def setup(self, worker) -> None:
+        import torch
+
+        n = self.threads
+        if n is None:
+            host = str(worker.address).split("://")[-1].rsplit(":", 1)[0]
+            busy = self.per_host.get(host, worker.state.nthreads)
+            n = max(1, (os.cpu_count() or 1) // max(1, busy))
+        torch.set_num_threads(int(n))
+
+
+
+def _threads_per_host(client) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
+        host = addr.split("://")[-1].rsplit(":", 1)[0]
+        out[host] = out.get(host, 0) + int(w.get("nthreads", 1))
+    return out
+
+
+@contextlib.contextmanager
+def connect(workers: int | None = None, scheduler: str | None = None, client=None,
+            log_fn: Callable[[str], Any] = print, torch_threads: int | None = None,
+            gpu: bool = False) -> Iterator[Any]:
+    """A ``distributed.Client``: the given one, one for ``scheduler``, or a new ``LocalCluster`` of
+    ``workers`` single-threaded processes (closed on exit). Registers :class:`TorchThreads`."""
+    from distributed import Client, LocalCluster
+
+    given = [x is not None for x in (workers, scheduler, client)]
+    if sum(given) != 1:
+        raise InputError("give one of --workers N, --scheduler ADDRESS or a dask Client")
+    cluster = None
+    own = client is None
+    if client is None and scheduler:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise InputError(f"no dask scheduler answers at {scheduler} ({exc}): start one "
+                             "(`dask scheduler`) or check --scheduler") from None
+    elif client is None:
+        if workers is None or int(workers) < 1:
+            raise InputError(f"--workers {workers} must be a positive number of processes")
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                               dashboard_address=":0", resources={"GPU": 1} if gpu else None)
+        client = Client(cluster)
+    try:
+        if torch_threads is None and cluster is not None:
+            torch_threads = max(1, (os.cpu_count() or 1) // int(workers))
+        client.register_plugin(TorchThreads(torch_threads, _threads_per_host(client)))
+        log_fn(f"dask: {len(client.scheduler_info(n_workers=-1)['workers'])} workers; "
+               f"dashboard {client.dashboard_link}")
+        yield client
+    finally:
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+# --------------------------------------------------------------------------- embedding
+def _attempts_on_scheduler(dask_scheduler=None, keys=(), retries=0) -> dict[str, int]:
+    """Runs on the scheduler: 1 + retries used after errors + reschedules after worker loss."""
+    out = {}
+    for k in keys:
+        ts = dask_scheduler.tasks.get(k)
+        if ts is not None:
+            out[k] = 1 + max(0, retries - int(ts.retries)) + int(ts.suspicious)
+    return out
+
+
+def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, job: BlockJob,
+                              block_size: int, *, retries: int = 3, progress: bool = True,
+                              on_block: Callable[[BlockStats], Any] | None = None) -> list[BlockStats]:
+    """Submit one task per block that is not done and wait for all. Interrupting (or an error)
+    cancels the rest; a rerun resumes from the done blocks."""
+    import uuid
+
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    done = store.done_mask()
+    todo = [b for b in grid.blocks(block_size) if not done[b.index]]
+    if not todo:
+        return []
+    token = uuid.uuid4().hex[:8]
+    [grid_f] = client.scatter([grid], broadcast=True, hash=False)
+    gpu = job.device.startswith("cuda")
+    futures = {}
+    for b in todo:
+        key = f"psm-block-{b.index[0]}-{b.index[1]}-{token}"
+        futures[key] = client.submit(embed_block_task, job, grid_f, b, key=key, retries=retries,
+                                     resources={"GPU": 1} if gpu else None, pure=False)
+    out: list[BlockStats] = []
+    bar = tqdm(total=len(todo), unit="block", desc="blocks", disable=not progress, smoothing=0.1)
+    try:
+        ac = as_completed(list(futures.values()))
+        for batch in ac.batches():
+            stats = [f.result() for f in batch]
+            keys = [f.key for f in batch]
+            att = client.run_on_scheduler(_attempts_on_scheduler, keys=keys, retries=retries)
+            for k, st in zip(keys, stats):
+                st.attempts = att.get(k, 1)
+                futures.pop(k).release()  # a later worker loss must not recompute a finished block
+                out.append(st)
+                bar.update(1)
+                if on_block is not None:
+                    on_block(st)
+    except BaseException:
+        client.cancel(list(futures.values()))
+        raise
+    finally:
+        bar.close()
+        grid_f.release()
+    return out
+
+
+# --------------------------------------------------------------------------- queries
+def _query_chunk(url: str, storage_options: dict, block: Block, qmat, mask, job: BlockJob | None,
+                 metadata: dict | None) -> np.ndarray:
+    """Runs on a worker: ``[Q + 1, Z, h, w]`` = similarity per query, then uncertainty."""
+    import torch
+
+    store = _CACHE.store(url, storage_options)
+    qm, qvs = qmat
+    model = None
+    md = None
+    if job is not None:
+        model, _ = _CACHE.model(job)
+        md = MetadataOptions(**metadata)
+    sim, unc = query_block(store, block, torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs),
+                           model=model, metadata=md, lonlat=_LonLat(store) if model is not None else None)
+    out = np.concatenate([sim, unc[None]], axis=0).astype(np.float32)
+    if mask is not None:
+        out[:, :, ~mask] = np.nan
+    return out
+
+
+def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: np.ndarray | None = None,
+                     metadata: MetadataOptions | None = None, job: BlockJob | None = None,
+                     storage_options: dict | None = None) -> QueryMaps:
+    """:func:`psm_mapping.query.query_store` as lazy dask arrays, one task per done block.
+
+    ``mask`` [H, W]: NaN outside it. ``job``: where workers load the model if the metadata differ
+    from the store's and fusion must re-run from ``z_img``."""
+    import dask
+    import dask.array as da
+
+    spec = store.spec
+    if not queries:
+        raise InputError("no query given: pass --query TEXT and/or --audio FILE")
+    stored_md = store.attrs.get("metadata_options")
+    rerun = metadata is not None and stored_md is not None and metadata.as_dict() != stored_md
+    if rerun and job is None:
+        raise StoreError("these metadata differ from the store's: pass --checkpoint so fusion can re-run")
+    qm, qvs = _query_matrix(queries)
+    probabilistic = qvs is not None and spec.probabilistic
+    qmat = dask.delayed((qm.numpy().astype(np.float32), qvs.numpy().astype(np.float32) if probabilistic else None),
+                        pure=True)
+    Q, Z, bs = len(queries), len(spec.zoom_levels), spec.block_size
+    done = store.done_mask()
+    md = metadata.as_dict() if rerun else None
+    rows = []
+    for bi, r in enumerate(range(0, spec.height, bs)):
+        row = []
+        for bj, c in enumerate(range(0, spec.width, bs)):
+            b = Block((bi, bj), r, c, min(bs, spec.height - r), min(bs, spec.width - c))
+            shape = (Q + 1, Z, b.height, b.width)
+            m = None if mask is None else mask[b.slices]
+            if not done[bi, bj] or (m is not None and not m.any()):
+                row.append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
+                continue
+            d = dask.delayed(_query_chunk, pure=True)(store.url, storage_options or {}, b, qmat, m,
+                                                     job if rerun else None, md)
+            row.append(da.from_delayed(d, shape, dtype=np.float32))
+        rows.append(row)
+    arr = da.block(rows)
+    return QueryMaps(tuple(spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
+
+
+# --------------------------------------------------------------------------- outputs
+def _check_lazy(result) -> list:
+    from .writers import BAND_KINDS
+
+    if not result.bands:
+        raise InputError("the map has no bands: give at least one query")
+    names = [b.name for b in result.bands]
+    if len(set(names)) != len(names):
+        raise InputError(f"band names repeat in {names}: give each query/zoom band a unique name")
+    shape = result.bands[0].data.shape
+    for b in result.bands:
+        if b.kind not in BAND_KINDS:
+            raise InputError(f"band {b.name!r} has kind {b.kind!r}: use one of {BAND_KINDS}")
+        if b.data.ndim != 2 or b.data.shape != shape:
+            raise InputError(f"band {b.name!r} has shape {b.data.shape}, expected {shape}")
+    return [b.data.astype(np.float32) for b in result.bands]
+
+
+def _cog_metadata_xml(existing: str, result) -> str:
+    """odc-geo's GDAL_METADATA (statistics, descriptions) + provenance tags + per-band tags."""
+    body = existing.strip()
+    body = body[len("<GDALMetadata>"):] if body.startswith("<GDALMetadata>") else ""
+    body = body[:-len("</GDALMetadata>")] if body.endswith("</GDALMetadata>") else body
+    tags = {**result.tags, "OVERVIEW_RESAMPLING": "AVERAGE"}  # as rio-cogeo records it
+    items = [f'<Item name="{html.escape(str(k))}">{html.escape(str(v), quote=False)}</Item>'
+             for k, v in tags.items()]
+    for i, band in enumerate(result.bands):
+        items += [f'<Item name="{html.escape(k)}" sample="{i}">{html.escape(v, quote=False)}</Item>'
+                  for k, v in band.band_tags().items()]
+    return "<GDALMetadata>" + "".join(items) + body + "</GDALMetadata>"
+
+
+def _write_cog_dask(result, arrays: list, path: str, blocksize: int = 512, compress: str = "deflate") -> None:
+    """A COG from dask arrays by odc-geo (tiles compressed on the workers, written in place),
+    then the provenance tags and band tags added to the header's GDAL_METADATA."""
+    import dask.array as da
+    import tifffile
+    from odc.geo.cog import save_cog_with_dask
+    from odc.geo.geobox import GeoBox
+    from odc.geo.xr import wrap_xr
+    from pyproj import CRS
+
+    h, w = arrays[0].shape
+    gbox = GeoBox((h, w), result.transform, CRS.from_user_input(result.crs).to_wkt())
+    stack = da.stack(arrays).rechunk((1, min(h, blocksize), min(w, blocksize)))
+    xx = wrap_xr(stack, gbox, nodata=np.nan, axis=1, dims=("band", "y", "x"))
+    xx = xx.assign_coords(band=[b.description for b in result.bands])
+    save_cog_with_dask(xx, path, compression=compress, predictor=3, blocksize=blocksize,
+                       overview_resampling="average").compute()
+    with tifffile.TiffFile(path, mode="r+") as tf:
+        tag = tf.pages.first.tags.get(42112)
+        xml = _cog_metadata_xml(tag.value if tag is not None else "", result)
+        if tag is None:  # pragma: no cover - odc writes the tag whenever bands have names
+            raise OutputError(f"{path} has no GDAL_METADATA tag to extend: report this as a bug")
+        tag.overwrite(xml)
+
+
+def _coarse(arrays: list, transform, max_px: int):
+    """Block means so that the longer side is at most ``max_px`` (previews): (numpy arrays, transform)."""
+    import dask.array as da
+
+    h, w = arrays[0].shape
+    f = max(1, math.ceil(max(h, w) / max_px))
+    if f == 1:
+        return [np.asarray(a) for a in da.compute(*arrays)], transform
+    out = []
+    for a in arrays:
+        ok = da.isfinite(a)
+        s = da.coarsen(np.sum, da.where(ok, a, 0.0), {0: f, 1: f}, trim_excess=True)
+        n = da.coarsen(np.sum, ok.astype(np.float32), {0: f, 1: f}, trim_excess=True)
+        out.append(da.where(n > 0, s / da.maximum(n, 1), np.nan).astype(np.float32))
+    from affine import Affine
+
+    return [np.asarray(a) for a in da.compute(*out)], transform * Affine.scale(f)
+
+
+def write_outputs_dask(result, out: str, fmt: str = "cog", previews: bool = True, overwrite: bool = False,
+                       progress: bool = False, compress: str = "deflate") -> dict[str, Any]:
+    """:func:`psm_mapping.writers.write_outputs` for bands holding dask arrays: the map is written
+    chunk by chunk on the cluster (COG by odc-geo, Zarr by xarray), previews from block means
+    (at most ``MAX_OVERLAY_PX`` on a side), so no process holds the whole raster.
+
+    A local COG path must be on a file system the workers share with the client."""
+    from .writers import (MAX_OVERLAY_PX, _full_tags, _is_local, _local_path, _LocalStage, _staged_all,
+                          _to_zarr, _write_preview_dir, _write_zarr_remote, default_preview_dir, to_dataset,
+                          _exists_error)
+
+    fmt = fmt.lower()
+    if fmt not in ("cog", "zarr"):
+        raise InputError(f"output format {fmt!r} is unknown: use --format cog or --format zarr")
+    arrays = _check_lazy(result)
+    result = dataclasses.replace(result, tags=_full_tags(result))
+    local = _is_local(out)
+    if fmt == "cog" and not local:
+        raise OutputError(f"COG output {out} is not a local path: write it locally, then upload")
+    preview_dir = None
+    if previews:
+        if local:
+            preview_dir = default_preview_dir(out)
+        else:
+            log.warning("previews skipped: --out %s is not local; give a local preview folder", out)
+            previews = False
+    stages = []
+    map_stage = _LocalStage(_local_path(out), overwrite) if local else None
+    if map_stage:
+        stages.append(map_stage)
+    prev_stage = _LocalStage(_local_path(preview_dir), overwrite) if previews else None
+    if prev_stage:
+        stages.append(prev_stage)
+    if not local:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(os.fspath(out))
+        if fs.exists(root.rstrip("/")) and not overwrite:
+            raise _exists_error(os.fspath(out))
+    names: list[str] = []
+    outputs: dict[str, Any] = {}
+
+    def zarr_ds():
+        h, w = arrays[0].shape
+        return to_dataset(result, [a.rechunk((min(h, 512), min(w, 512))) for a in arrays])
+
+    def write() -> None:
+        if map_stage is not None:
+            if fmt == "cog":
+                _write_cog_dask(result, arrays, str(map_stage.tmp), compress=compress)
+            else:
+                _to_zarr(zarr_ds(), str(map_stage.tmp), 2)
+        if prev_stage is not None:
+            small, t = _coarse(arrays, result.transform, MAX_OVERLAY_PX)
+            bands = [dataclasses.replace(b, data=a) for b, a in zip(result.bands, small)]
+            names.extend(_write_preview_dir(dataclasses.replace(result, bands=bands, transform=t), small,
+                                            prev_stage.tmp, progress))
+        if map_stage is None:
+            outputs["map"] = _write_zarr_remote(zarr_ds(), os.fspath(out), overwrite, 2)
+
+    _staged_all(stages, write)
+    if map_stage is not None:
+        outputs["map"] = map_stage.dst
+    if prev_stage is not None:
+        outputs["previews"] = [prev_stage.dst / n for n in names if n.endswith(".png")]
+        outputs["html"] = prev_stage.dst / "index.html"
+    return outputs
+
+
+# --------------------------------------------------------------------------- the driver
+def map_region_distributed(cfg, workers: int | None = None, scheduler: str | None = None, client=None,
+                           log_fn: Callable[[str], Any] = print, *, retries: int = 3,
+                           torch_threads: int | None = None,
+                           on_block: Callable[[BlockStats], Any] | None = None):
+    """:func:`psm_mapping.run.map_region` on dask: ``workers`` (a new LocalCluster), ``scheduler``
+    (an existing cluster's address) or ``client`` (a ``distributed.Client``). Returns a ``MapRun``
+    whose ``blocks_retried`` counts blocks that ran more than once."""
+    from .run import MapRun, _describe_outputs, build_map_result, prepare_run
+
+    if sum(x is not None for x in (workers, scheduler, client)) != 1:
+        raise InputError("give one of --workers N, --scheduler ADDRESS or a dask Client")
+    # the client only embeds queries: keep its model on the CPU; workers use cfg.device
+    prep = prepare_run(dataclasses.replace(cfg, device="cpu", dtype="float32"), log_fn)
+    prep.source.close()
+    store, grid = prep.store, prep.grid
+    job = BlockJob(store_url=prep.store_url, storage_options=dict(cfg.store_options or {}),
+                   checkpoint=str(prep.ckpt.resolve()), checkpoint_sha256=prep.sha,
+                   clap_config=cfg.clap_config, device=str(cfg.device), dtype=str(cfg.dtype),
+                   imagery=cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
+                   metadata_options=dict(store.attrs["metadata_options"]),
+                   zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(cfg.batch_size),
+                   min_valid=float(cfg.min_valid))
+    total = grid.n_blocks(cfg.block_size)
+    with connect(workers, scheduler, client, log_fn, torch_threads,
+                 gpu=str(cfg.device).startswith("cuda")) as cl:
+        t_setup = time.perf_counter()
+        stats = compute_store_distributed(cl, store, grid, job, cfg.block_size, retries=retries,
+                                          progress=cfg.progress, on_block=on_block)
+        t_embed = time.perf_counter()
+        maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
+                                storage_options=cfg.store_options)
+        result = build_map_result(maps, store, prep.tags, prep.region, score=cfg.score)
+        outputs = write_outputs_dask(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
+                                     overwrite=cfg.overwrite)
+        t_end = time.perf_counter()
+    computed = [s for s in stats if not s.skipped]
+    faults = sum(s.faults for s in computed)
+    if faults:
+        log.warning("%d imagery tiles failed and were masked (see warnings above)", faults)
+    task_s = sum(s.seconds for s in computed)
+    return MapRun(
+        outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
+        chips=sum(s.chips for s in computed), blocks_total=total, blocks_computed=len(computed),
+        image_model_calls=sum(s.model_calls for s in computed), faults=faults,
+        blocks_retried=sum(1 for s in stats if s.attempts > 1),
+        seconds={"setup": t_setup - prep.t_start, "read": sum(s.read_s for s in computed),
+                 "model": sum(s.model_s for s in computed),
+                 "store_write": sum(s.write_s for s in computed), "tasks": task_s,
+                 "embed_total": t_embed - t_setup, "query+write": t_end - t_embed,
+                 "total": t_end - prep.t_start},
+    )
