@@ -74,6 +74,7 @@ def cmd_map(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from . import mapcli  # noqa: F401  (registers the map, query, info and weights commands)
+    from .train import commands  # noqa: F401
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
