@@ -30,9 +30,9 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
-from .errors import CheckpointError, InputError, OutputError, StoreError
+from .errors import CheckpointError, InputError, OutputError
 from .grid import Block, OutputGrid
-from .query import QueryMaps, Query, _LonLat, _query_matrix, query_block
+from .query import QueryMaps, Query, prepare_query, query_block
 from .store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def _query_chunk(url: str, storage_options: dict, block: Block, qmat, mask, job:
         model, _ = _CACHE.model(job)
         md = MetadataOptions(**metadata)
     sim, unc = query_block(store, block, torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs),
-                           model=model, metadata=md, lonlat=_LonLat(store) if model is not None else None)
+                           model=model, metadata=md)
     out = np.concatenate([sim, unc[None]], axis=0).astype(np.float32)
     if mask is not None:
         out[:, :, ~mask] = np.nan
@@ -361,55 +361,29 @@ def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: n
     import dask.array as da
 
     spec = store.spec
-    if not queries:
-        raise InputError("no query given: pass --query TEXT and/or --audio FILE")
-    stored_md = store.attrs.get("metadata_options")
-    rerun = metadata is not None and stored_md is not None and metadata.as_dict() != stored_md
-    if rerun and job is None:
-        raise StoreError("these metadata differ from the store's: pass --checkpoint so fusion can re-run")
-    qm, qvs = _query_matrix(queries)
-    probabilistic = qvs is not None and spec.probabilistic
-    qmat = dask.delayed((qm.numpy().astype(np.float32), qvs.numpy().astype(np.float32) if probabilistic else None),
+    qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=job is not None)
+    qmat = dask.delayed((qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float32)),
                         pure=True)
-    Q, Z, bs = len(queries), len(spec.zoom_levels), spec.block_size
+    Q, Z = len(queries), len(spec.zoom_levels)
     done = store.done_mask()
     md = metadata.as_dict() if rerun else None
-    rows = []
-    for bi, r in enumerate(range(0, spec.height, bs)):
-        row = []
-        for bj, c in enumerate(range(0, spec.width, bs)):
-            b = Block((bi, bj), r, c, min(bs, spec.height - r), min(bs, spec.width - c))
-            shape = (Q + 1, Z, b.height, b.width)
-            m = None if mask is None else mask[b.slices]
-            if not done[bi, bj] or (m is not None and not m.any()):
-                row.append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
-                continue
-            d = dask.delayed(_query_chunk, pure=True)(store.url, storage_options or {}, b, qmat, m,
-                                                     job if rerun else None, md)
-            row.append(da.from_delayed(d, shape, dtype=np.float32))
-        rows.append(row)
+    rows: list[list] = []
+    for b in store.iter_blocks():
+        if b.index[1] == 0:
+            rows.append([])
+        shape = (Q + 1, Z, b.height, b.width)
+        m = None if mask is None else mask[b.slices]
+        if not done[b.index] or (m is not None and not m.any()):
+            rows[-1].append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
+            continue
+        d = dask.delayed(_query_chunk, pure=True)(store.url, storage_options or {}, b, qmat, m,
+                                                 job if rerun else None, md)
+        rows[-1].append(da.from_delayed(d, shape, dtype=np.float32))
     arr = da.block(rows)
     return QueryMaps(tuple(spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
 
 
 # --------------------------------------------------------------------------- outputs
-def _check_lazy(result) -> list:
-    from .writers import BAND_KINDS
-
-    if not result.bands:
-        raise InputError("the map has no bands: give at least one query")
-    names = [b.name for b in result.bands]
-    if len(set(names)) != len(names):
-        raise InputError(f"band names repeat in {names}: give each query/zoom band a unique name")
-    shape = result.bands[0].data.shape
-    for b in result.bands:
-        if b.kind not in BAND_KINDS:
-            raise InputError(f"band {b.name!r} has kind {b.kind!r}: use one of {BAND_KINDS}")
-        if b.data.ndim != 2 or b.data.shape != shape:
-            raise InputError(f"band {b.name!r} has shape {b.data.shape}, expected {shape}")
-    return [b.data.astype(np.float32) for b in result.bands]
-
-
 def _cog_metadata_xml(existing: str, result) -> str:
     """odc-geo's GDAL_METADATA (statistics, descriptions) + provenance tags + per-band tags."""
     body = existing.strip()
@@ -475,66 +449,26 @@ def write_outputs_dask(result, out: str, fmt: str = "cog", previews: bool = True
     (at most ``MAX_OVERLAY_PX`` on a side), so no process holds the whole raster.
 
     A local COG path must be on a file system the workers share with the client."""
-    from .writers import (MAX_OVERLAY_PX, _full_tags, _is_local, _local_path, _LocalStage, _staged_all,
-                          _to_zarr, _write_preview_dir, _write_zarr_remote, default_preview_dir, to_dataset,
-                          _exists_error)
+    from .writers import (MAX_OVERLAY_PX, check_format, check_result, full_tags, stage_outputs, to_dataset,
+                          write_preview_dir)
 
-    fmt = fmt.lower()
-    if fmt not in ("cog", "zarr"):
-        raise InputError(f"output format {fmt!r} is unknown: use --format cog or --format zarr")
-    arrays = _check_lazy(result)
-    result = dataclasses.replace(result, tags=_full_tags(result))
-    local = _is_local(out)
-    if fmt == "cog" and not local:
-        raise OutputError(f"COG output {out} is not a local path: write it locally, then upload")
-    preview_dir = None
-    if previews:
-        if local:
-            preview_dir = default_preview_dir(out)
-        else:
-            log.warning("previews skipped: --out %s is not local; give a local preview folder", out)
-            previews = False
-    stages = []
-    map_stage = _LocalStage(_local_path(out), overwrite) if local else None
-    if map_stage:
-        stages.append(map_stage)
-    prev_stage = _LocalStage(_local_path(preview_dir), overwrite) if previews else None
-    if prev_stage:
-        stages.append(prev_stage)
-    if not local:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(os.fspath(out))
-        if fs.exists(root.rstrip("/")) and not overwrite:
-            raise _exists_error(os.fspath(out))
-    names: list[str] = []
-    outputs: dict[str, Any] = {}
+    fmt = check_format(fmt)
+    arrays = check_result(result)
+    result = dataclasses.replace(result, tags=full_tags(result))
 
     def zarr_ds():
         h, w = arrays[0].shape
         return to_dataset(result, [a.rechunk((min(h, 512), min(w, 512))) for a in arrays])
 
-    def write() -> None:
-        if map_stage is not None:
-            if fmt == "cog":
-                _write_cog_dask(result, arrays, str(map_stage.tmp), compress=compress)
-            else:
-                _to_zarr(zarr_ds(), str(map_stage.tmp), 2)
-        if prev_stage is not None:
-            small, t = _coarse(arrays, result.transform, MAX_OVERLAY_PX)
-            bands = [dataclasses.replace(b, data=a) for b, a in zip(result.bands, small)]
-            names.extend(_write_preview_dir(dataclasses.replace(result, bands=bands, transform=t), small,
-                                            prev_stage.tmp, progress))
-        if map_stage is None:
-            outputs["map"] = _write_zarr_remote(zarr_ds(), os.fspath(out), overwrite, 2)
+    def previews_from_block_means(tmp) -> list[str]:
+        small, t = _coarse(arrays, result.transform, MAX_OVERLAY_PX)
+        bands = [dataclasses.replace(b, data=a) for b, a in zip(result.bands, small)]
+        return write_preview_dir(dataclasses.replace(result, bands=bands, transform=t), small, tmp, progress)
 
-    _staged_all(stages, write)
-    if map_stage is not None:
-        outputs["map"] = map_stage.dst
-    if prev_stage is not None:
-        outputs["previews"] = [prev_stage.dst / n for n in names if n.endswith(".png")]
-        outputs["html"] = prev_stage.dst / "index.html"
-    return outputs
+    return stage_outputs(
+        out, fmt, previews=previews, overwrite=overwrite, preview_dir=None,
+        write_cog=lambda tmp: _write_cog_dask(result, arrays, str(tmp), compress=compress),
+        dataset=zarr_ds, write_preview=previews_from_block_means)
 
 
 # --------------------------------------------------------------------------- the driver

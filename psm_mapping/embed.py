@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
@@ -54,24 +54,18 @@ class MetadataOptions:
                         caption_source=self.caption_source)
 
     def as_dict(self) -> dict:
-        return {"month": self.month, "hour": self.hour, "audio_source": self.audio_source,
-                "caption_source": self.caption_source, "fuse": self.fuse,
-                "use_location": self.use_location}
+        """The fields as a JSON-ready dict (stored in the store's attributes)."""
+        return asdict(self)
 
 
 @dataclass
 class Timings:
+    """Seconds spent reading imagery, on the model and writing the store, and chips embedded."""
+
     read_s: float = 0.0
     model_s: float = 0.0
     write_s: float = 0.0
     chips: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def add(self, other: "Timings") -> None:
-        self.read_s += other.read_s
-        self.model_s += other.model_s
-        self.write_s += other.write_s
-        self.chips += other.chips
 
 
 class ImageEmbedder:

@@ -21,7 +21,7 @@ from .errors import InputError, RegionError
 from .region import Region
 
 __all__ = [
-    "Block", "GridEstimate", "OutputGrid", "make_grid", "utm_crs_for",
+    "Block", "GridEstimate", "OutputGrid", "iter_blocks", "make_grid", "utm_crs_for",
     "DEFAULT_MAX_PIXELS", "DEFAULT_BLOCK_SIZE",
 ]
 
@@ -50,6 +50,14 @@ class Block:
     def slices(self) -> tuple[slice, slice]:
         return (slice(self.row_off, self.row_off + self.height),
                 slice(self.col_off, self.col_off + self.width))
+
+
+def iter_blocks(height: int, width: int, block_size: int) -> Iterator[Block]:
+    """Every block of a ``height`` x ``width`` grid in row-major order (the last row and column
+    of blocks clipped): the grid's blocks and the store's Zarr chunks."""
+    for bi, r in enumerate(range(0, height, block_size)):
+        for bj, c in enumerate(range(0, width, block_size)):
+            yield Block((bi, bj), r, c, min(block_size, height - r), min(block_size, width - c))
 
 
 @dataclass
@@ -120,12 +128,8 @@ class OutputGrid:
         """Blocks in row-major order; with ``skip_empty`` only those with region pixels."""
         if block_size <= 0:
             raise InputError(f"block size {block_size} must be a positive number of pixels")
-        for bi, r in enumerate(range(0, self.height, block_size)):
-            for bj, c in enumerate(range(0, self.width, block_size)):
-                b = Block((bi, bj), r, c, min(block_size, self.height - r),
-                          min(block_size, self.width - c))
-                if skip_empty and not self.mask[b.slices].any():
-                    continue
+        for b in iter_blocks(self.height, self.width, block_size):
+            if not skip_empty or self.mask[b.slices].any():
                 yield b
 
     def n_blocks(self, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -135,7 +139,8 @@ class OutputGrid:
         return Block((0, 0), 0, 0, self.height, self.width)
 
     def pixel_centers(self, block: Block | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) of pixel centres in ``crs``, each float64 [h, w]."""
+        """(x, y) of pixel centres in ``crs``, each float64 [h, w]; ``block``: anything with
+        ``row_off``, ``col_off``, ``height`` and ``width`` (default: the whole grid)."""
         b = block or self._full_block()
         cols = b.col_off + np.arange(b.width) + 0.5
         rows = b.row_off + np.arange(b.height) + 0.5

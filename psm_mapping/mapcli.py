@@ -92,6 +92,8 @@ def load_preset(path: str) -> dict:
 
 
 def run_map_cli(argv: list[str]) -> int:
+    from .constants import DEFAULT_ZOOM_LEVELS
+    from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS
     from .run import MapConfig, map_region
 
     p = map_parser()
@@ -114,7 +116,7 @@ def run_map_cli(argv: list[str]) -> int:
         return v
 
     out = pick("out", "psm-map.tif")
-    zl = pick("zoom_level", None, a.zoom_level) or preset.get("zoom_levels") or (1, 3, 5)
+    zl = pick("zoom_level", None, a.zoom_level) or preset.get("zoom_levels") or DEFAULT_ZOOM_LEVELS
     if isinstance(zl, str):
         zl = _zooms(zl)
     cfg = MapConfig(
@@ -122,13 +124,13 @@ def run_map_cli(argv: list[str]) -> int:
         audio=pick("audio", []), combine=bool(pick("combine", False)), bbox=pick("bbox"),
         feature=pick("feature"), checkpoint=pick("checkpoint"), clap_config=pick("clap_config"),
         tokenizer=pick("tokenizer"), zoom_levels=tuple(zl), stride=pick("stride"), crs=pick("crs"),
-        max_pixels=pick("max_pixels", 2_000_000), month=pick("month"), hour=pick("hour"),
+        max_pixels=pick("max_pixels", DEFAULT_MAX_PIXELS), month=pick("month"), hour=pick("hour"),
         audio_source=pick("audio_source"), caption_source=pick("caption_source"),
         fuse=not (a.no_fusion or preset.get("no_fusion", False)), out=out,
         format=_format_for(out, pick("format")), previews=not (a.no_previews or preset.get("no_previews", False)),
         score=bool(pick("score", False)), store=pick("store"), overwrite=a.overwrite,
         device=pick("device", "auto"), dtype=pick("dtype", "auto"), batch_size=pick("batch_size", 64),
-        block_size=pick("block_size", 64), min_valid=pick("min_valid", 0.5), progress=not a.quiet,
+        block_size=pick("block_size", DEFAULT_BLOCK_SIZE), min_valid=pick("min_valid", 0.5), progress=not a.quiet,
     )
     say = (lambda *x: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
     if a.workers or a.scheduler:

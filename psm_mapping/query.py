@@ -74,6 +74,24 @@ def _query_matrix(queries: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor 
     return emb.mean.float(), vs
 
 
+def prepare_query(store: EmbeddingStore, queries: Sequence[Query], metadata=None,
+                  can_rerun: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """What every query driver needs first: ``(qm, qvs, rerun)``.
+
+    ``qm`` ``[Q, D]`` float32 query means; ``qvs`` ``[Q]`` their var sums, or None when the
+    similarity is cosine (deterministic queries or store); ``rerun``: ``metadata`` differ from
+    the store's, so fusion and heads must re-run from ``z_img`` (``can_rerun``: a model is at hand).
+    """
+    if not queries:
+        raise InputError("no query given: pass --query TEXT and/or --audio FILE")
+    stored_md = store.attrs.get("metadata_options")
+    rerun = metadata is not None and stored_md is not None and metadata.as_dict() != stored_md
+    if rerun and not can_rerun:
+        raise StoreError("these metadata differ from the store's: pass --checkpoint so fusion can re-run")
+    qm, qvs = _query_matrix(queries)
+    return qm, (qvs if qvs is not None and store.spec.probabilistic else None), rerun
+
+
 def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | None = None,
                 metadata=None, blocks: Sequence[Block] | None = None) -> QueryMaps:
     """Similarity maps of ``queries`` over every done block of ``store``.
@@ -82,28 +100,21 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
     store's ``mean`` was computed with, fusion and heads re-run from ``z_img`` (needs ``model``).
     """
     spec = store.spec
-    if not queries:
-        raise InputError("no query given: pass --query TEXT and/or --audio FILE")
-    stored_md = store.attrs.get("metadata_options")
-    rerun = metadata is not None and stored_md is not None and metadata.as_dict() != stored_md
-    if rerun and model is None:
-        raise StoreError("these metadata differ from the store's: pass --checkpoint so fusion can re-run")
-    qm, qvs = _query_matrix(queries)
-    probabilistic = qvs is not None and spec.probabilistic
+    qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=model is not None)
     Z, H, W = len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((Z, H, W), np.nan, np.float32)
     done = store.done_mask()
     if not rerun and blocks is None:
-        _query_slabs(store, qm, qvs if probabilistic else None, sims, unc, done)
+        _query_slabs(store, qm, qvs, sims, unc, done)
         return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
     lonlat = _LonLat(store) if rerun else None
     for b in (blocks if blocks is not None else store.iter_blocks()):
         if not done[b.row_off // spec.block_size, b.col_off // spec.block_size]:
             continue
         ys, xs = b.slices
-        sim, unc[:, ys, xs] = query_block(store, b, qm, qvs if probabilistic else None,
-                                          model=model if rerun else None, metadata=metadata, lonlat=lonlat)
+        sim, unc[:, ys, xs] = query_block(store, b, qm, qvs, model=model if rerun else None,
+                                          metadata=metadata, lonlat=lonlat)
         for q in range(len(queries)):
             sims[q][:, ys, xs] = sim[q]
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)

@@ -10,14 +10,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import __version__
-from .constants import DEFAULT_ZOOM_LEVELS, FULL_METADATA
+from .constants import DEFAULT_ZOOM_LEVELS
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
 from .errors import CheckpointError, ImageryError, InputError, OutputError
 from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, OutputGrid, make_grid
@@ -166,7 +166,15 @@ def load_model(cfg: MapConfig):
     return model, ckpt, device
 
 
+def metadata_tags(model, md: MetadataOptions) -> dict[str, str]:
+    """The ``fusion`` and ``metadata`` provenance tags of a map made with ``md``."""
+    return {"fusion": "on" if (md.fuse and model.config.uses_metadata) else "off",
+            "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)}
+
+
 def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptions, cfg: MapConfig) -> dict:
+    """Provenance tags of a map and its store: model and checkpoint, grid and zooms, metadata,
+    imagery source and attribution (the queries are added per map by :func:`build_map_result`)."""
     hp = model.source.get("hyper_parameters", {})
     tags = {
         "software": f"psm-mapping {__version__}",
@@ -179,12 +187,12 @@ def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptio
         "zoom_levels": ",".join(str(z) for z in cfg.zoom_levels),
         "stride_m": f"{grid.stride:g}",
         "crs": grid.crs.to_string(),
-        "fusion": "on" if (md.fuse and model.config.uses_metadata) else "off",
-        "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None),
+        **metadata_tags(model, md),
         "region": grid.region_name,
     }
     if hp.get("untrained"):
         tags["weights"] = "UNTRAINED (demo checkpoint with random weights: the map is meaningless)"
+        tags["untrained_weights"] = "true"  # the writers' HTML page shows a warning for it
     tags.update(source.info.tags())
     tags.update({k: str(v) for k, v in cfg.extra_tags.items()})
     return tags
@@ -442,8 +450,7 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
     t1 = time.perf_counter()
     maps = query_store(store, queries, model=model, metadata=md)
-    prov["metadata"] = ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)
-    prov["fusion"] = "on" if (md.fuse and model.config.uses_metadata) else "off"
+    prov.update(metadata_tags(model, md))
     result = build_map_result(maps, store, prov, None, score=cfg.score)
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite)
     t2 = time.perf_counter()

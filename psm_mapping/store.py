@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import StoreError
-from .grid import Block, OutputGrid
+from .grid import Block, OutputGrid, iter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,6 @@ class EmbeddingStore:
     def open_or_create(cls, url: str, spec: StoreSpec, attrs: dict | None = None,
                        storage_options: dict | None = None) -> "EmbeddingStore":
         """Open the store at ``url`` if it was built with ``spec``'s settings, else create it."""
-        import zarr  # noqa: F401
-
         try:
             group = _open_group(url, "r+", storage_options)
         except StoreError:
@@ -212,19 +210,13 @@ class EmbeddingStore:
                              f"({type(exc).__name__}: {exc}): remove the store and rerun to "
                              "rebuild it") from None
 
-    def iter_blocks(self, grid_blocks: Iterator[Block] | None = None) -> Iterator[Block]:
+    def iter_blocks(self) -> Iterator[Block]:
         """Every block of the store's grid (done or not), row-major."""
-        s = self.spec
-        for bi, r in enumerate(range(0, s.height, s.block_size)):
-            for bj, c in enumerate(range(0, s.width, s.block_size)):
-                yield Block((bi, bj), r, c, min(s.block_size, s.height - r), min(s.block_size, s.width - c))
+        return iter_blocks(self.spec.height, self.spec.width, self.spec.block_size)
 
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
-
-    def set_attrs(self, **kw) -> None:
-        self.group.attrs.update(kw)
 
     def __repr__(self) -> str:
         d = self.done_mask()

@@ -177,9 +177,7 @@ def _read_window(source: ImagerySource, grid: OutputGrid, sb: _SubBlock, zoom: i
     vf[~region] = np.nan
     rows = np.arange(sb.row_off, sb.row_off + sb.height)
     cols = np.arange(sb.col_off, sb.col_off + sb.width)
-    xs = t.c + (cols + 0.5) * s
-    ys = t.f - (rows + 0.5) * s
-    lon, lat = grid.to_lonlat(*np.meshgrid(xs, ys))
+    lon, lat = grid.pixel_lonlat(sb)
     return ChipWindow(zoom=zoom, resolution=res, bounds=bounds, data=win.data, mask=mask,
                       rows=rows, cols=cols, row_offsets=row_offsets, col_offsets=col_offsets,
                       region_mask=region.copy(), valid_fraction=vf, lon=lon, lat=lat,

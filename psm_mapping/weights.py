@@ -107,18 +107,11 @@ def download(name: str, dest_dir: Path | None = None, quiet: bool = False) -> Pa
 def verify(path: str | os.PathLike, expected: Experiment | None = None, clap_config=None) -> dict:
     """Check a file against the key contract (builds the model on the meta device) and record
     its sha256 in the cache registry. Returns the record."""
-    import torch
-
-    from .model.checkpoint import check_keys, file_sha256, read_checkpoint
-    from .model.psm import PSM, PSMConfig
+    from .model.checkpoint import file_sha256, read_checkpoint
+    from .model.psm import meta_model
 
     raw = read_checkpoint(path)
-    cfg = PSMConfig.from_dict(raw.psm_config) if raw.psm_config else PSMConfig.infer(raw.state_dict,
-                                                                                    raw.hyper_parameters)
-    with torch.device("meta"):
-        model = PSM(cfg, clap_config if clap_config is not None else
-                    (raw.clap_config or raw.hyper_parameters.get("clap_config")))
-    check_keys(model.state_dict(), raw.state_dict, Path(path).name)
+    cfg = meta_model(raw, clap_config).config
     if expected is not None and (cfg.sat_type, cfg.uses_metadata, cfg.loss_type) != (
             expected.sat_type, expected.metadata, expected.loss):
         raise CheckpointError(f"{Path(path).name} is {cfg.sat_type}/{cfg.metadata_type}/{cfg.loss_type}, "

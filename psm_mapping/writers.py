@@ -47,6 +47,13 @@ __all__ = [
     "write_zarr",
     "write_previews",
     "write_outputs",
+    "stage_outputs",
+    "check_result",
+    "check_format",
+    "full_tags",
+    "to_dataset",
+    "write_preview_dir",
+    "default_preview_dir",
     "read_info",
     "lonlat_bounds",
     "safe_name",
@@ -181,7 +188,8 @@ def _software_version() -> str:
         return "unknown"
 
 
-def _full_tags(result: MapResult) -> dict[str, str]:
+def full_tags(result: MapResult) -> dict[str, str]:
+    """``result.tags`` as strings plus ``software``, ``created`` and ``band_names`` unless given."""
     tags = {str(k): str(v) for k, v in result.tags.items()}
     tags.setdefault("software", f"psm-mapping {_software_version()}")
     tags.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -189,8 +197,8 @@ def _full_tags(result: MapResult) -> dict[str, str]:
     return tags
 
 
-def _check_result(result: MapResult) -> list[np.ndarray]:
-    """Validate ``result`` and return its band arrays as float32."""
+def check_result(result: MapResult) -> list[np.ndarray]:
+    """Validate ``result`` and return its band arrays as float32 (dask arrays stay lazy)."""
     if not result.bands:
         raise InputError("the map has no bands: give at least one query")
     names = [b.name for b in result.bands]
@@ -201,7 +209,7 @@ def _check_result(result: MapResult) -> list[np.ndarray]:
     for b in result.bands:
         if b.kind not in BAND_KINDS:
             raise InputError(f"band {b.name!r} has kind {b.kind!r}: use one of {BAND_KINDS}")
-        a = np.asarray(b.data)
+        a = b.data if hasattr(b.data, "dask") else np.asarray(b.data)
         if a.ndim != 2 or a.shape != shape or 0 in a.shape:
             raise InputError(
                 f"band {b.name!r} has shape {a.shape}, expected a 2-D array like the first band "
@@ -381,7 +389,7 @@ def _write_cog_file(
         "blockxsize": blocksize,
         "blockysize": blocksize,
     }
-    tags = _full_tags(result)
+    tags = full_tags(result)
     with MemoryFile() as mem:
         with mem.open(**src_profile) as src:
             for i, (band, arr) in enumerate(zip(result.bands, arrays), 1):
@@ -412,7 +420,7 @@ def write_cog(
     average overviews, band descriptions and tags, provenance dataset tags)."""
     if not _is_local(path):
         raise OutputError(f"COG output {path} is not a local path: write it locally, then upload")
-    arrays = _check_result(result)
+    arrays = check_result(result)
     _cog_profile(compress, blocksize)
     stage = _LocalStage(_local_path(path), overwrite)
     _staged_all([stage], lambda: _write_cog_file(result, arrays, stage.tmp, compress, blocksize))
@@ -425,7 +433,7 @@ def to_dataset(result: MapResult, arrays: list[np.ndarray] | None = None):
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     import xarray as xr
 
-    arrays = _check_result(result) if arrays is None else arrays
+    arrays = check_result(result) if arrays is None else arrays
     h, w = arrays[0].shape
     t = result.transform
     x = t.c + (np.arange(w) + 0.5) * t.a
@@ -450,7 +458,7 @@ def to_dataset(result: MapResult, arrays: list[np.ndarray] | None = None):
     ds = ds.rio.write_crs(crs.to_wkt(), grid_mapping_name="spatial_ref")
     ds = ds.rio.write_transform(t, grid_mapping_name="spatial_ref")
     ds = ds.rio.write_coordinate_system()
-    tags = _full_tags(result)
+    tags = full_tags(result)
     ds.attrs.update(tags)
     ds.attrs["band_variables"] = json.dumps(list(data_vars))
     ds.attrs["Conventions"] = "CF-1.8"
@@ -472,7 +480,7 @@ def write_zarr(
     zarr_format: int = 2,
 ) -> str:
     """Write ``result`` as a consolidated Zarr store at a local path or any fsspec URL."""
-    arrays = _check_result(result)
+    arrays = check_result(result)
     ds = to_dataset(result, arrays)
     if _is_local(path_or_url):
         stage = _LocalStage(_local_path(path_or_url), overwrite)
@@ -676,8 +684,10 @@ def _rgba_png(band: MapBand, arr: np.ndarray, vrange: tuple[float, float]) -> by
     return buf.getvalue()
 
 
-def _write_preview_dir(result: MapResult, arrays: list[np.ndarray], out: Path,
-                       progress: bool) -> list[str]:
+def write_preview_dir(result: MapResult, arrays: list[np.ndarray], out: Path,
+                      progress: bool) -> list[str]:
+    """Fill the new folder ``out`` with the preview PNGs and ``index.html`` (no staging; see
+    :func:`write_previews`). Returns the file names written."""
     from tqdm.auto import tqdm
 
     out.mkdir()
@@ -721,10 +731,10 @@ def write_previews(
     band and a self-contained ``index.html``. Returns the files written."""
     if not _is_local(out_dir):
         raise OutputError(f"preview folder {out_dir} is not a local path: give a local folder")
-    arrays = _check_result(result)
+    arrays = check_result(result)
     stage = _LocalStage(_local_path(out_dir), overwrite)
     names: list[str] = []
-    _staged_all([stage], lambda: names.extend(_write_preview_dir(result, arrays, stage.tmp, progress)))
+    _staged_all([stage], lambda: names.extend(write_preview_dir(result, arrays, stage.tmp, progress)))
     return [stage.dst / n for n in names]
 
 
@@ -795,7 +805,7 @@ def _html_page(result: MapResult, entries: list[dict]) -> str:
     h, w = result.shape
     bounds = result.bounds()
     west, south, east, north = lonlat_bounds(crs, bounds)
-    tags = _full_tags(result)
+    tags = full_tags(result)
     untrained = [k for k, v in tags.items()
                  if "untrained" in k.lower() and str(v).strip().lower() in ("1", "true", "yes")]
     options = "".join(f'<option value="{i}">{esc(e["description"])} [{esc(e["name"])}]</option>'
@@ -874,11 +884,40 @@ def write_outputs(
     (default ``<out stem>_preview/``). Every target is checked before anything is written and
     all are renamed into place together at the end. Returns ``{"map": ..., "previews": [...],
     "html": ...}``."""
+    fmt = check_format(fmt)
+    arrays = check_result(result)
+    result = dataclasses.replace(result, tags=full_tags(result))  # one "created" for all
+    return stage_outputs(
+        out, fmt, previews=previews, overwrite=overwrite, preview_dir=preview_dir,
+        write_cog=lambda tmp: _write_cog_file(result, arrays, tmp, compress, 512),
+        dataset=lambda: to_dataset(result, arrays),
+        write_preview=lambda tmp: write_preview_dir(result, arrays, tmp, progress))
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` lower-cased, if it is an output format ("cog" or "zarr")."""
     fmt = fmt.lower()
     if fmt not in ("cog", "zarr"):
         raise InputError(f"output format {fmt!r} is unknown: use --format cog or --format zarr")
-    arrays = _check_result(result)
-    result = dataclasses.replace(result, tags=_full_tags(result))  # one "created" for all
+    return fmt
+
+
+def stage_outputs(
+    out: str | os.PathLike,
+    fmt: str,
+    *,
+    previews: bool,
+    overwrite: bool,
+    preview_dir: str | os.PathLike | None,
+    write_cog: Callable[[Path], None],
+    dataset: Callable[[], Any],
+    write_preview: Callable[[Path], list[str]],
+) -> dict[str, Any]:
+    """Check every target, write the map and previews under temporary names and rename them all
+    into place (a remote Zarr is written last, staged by the store itself). The local map and
+    eager or dask writers share this: ``write_cog(tmp)`` writes the COG, ``dataset()`` gives
+    the Zarr's xarray Dataset, ``write_preview(tmp_dir)`` fills the preview folder and returns
+    its file names. Returns ``{"map": ..., "previews": [...], "html": ...}``."""
     local = _is_local(out)
     if fmt == "cog" and not local:
         raise OutputError(f"COG output {out} is not a local path: write it locally, then upload")
@@ -889,13 +928,9 @@ def write_outputs(
             log.warning("previews skipped: --out %s is not local; give a local preview folder", out)
             previews = False
 
-    stages: list[_LocalStage] = []
     map_stage = _LocalStage(_local_path(out), overwrite) if local else None
-    if map_stage:
-        stages.append(map_stage)
     prev_stage = _LocalStage(_local_path(preview_dir), overwrite) if previews else None
-    if prev_stage:
-        stages.append(prev_stage)
+    stages = [s for s in (map_stage, prev_stage) if s is not None]
     if not local:  # remote Zarr: validate up-front, write it last
         import fsspec
 
@@ -904,20 +939,19 @@ def write_outputs(
             raise _exists_error(os.fspath(out))
 
     names: list[str] = []
+    outputs: dict[str, Any] = {}
 
     def write() -> None:
         if map_stage is not None:
             if fmt == "cog":
-                _write_cog_file(result, arrays, map_stage.tmp, compress, 512)
+                write_cog(map_stage.tmp)
             else:
-                _to_zarr(to_dataset(result, arrays), str(map_stage.tmp), 2)
+                _to_zarr(dataset(), str(map_stage.tmp), 2)
         if prev_stage is not None:
-            names.extend(_write_preview_dir(result, arrays, prev_stage.tmp, progress))
+            names.extend(write_preview(prev_stage.tmp))
         if map_stage is None:  # remote Zarr last, so a failure discards the staged previews
-            outputs["map"] = _write_zarr_remote(to_dataset(result, arrays), os.fspath(out),
-                                                overwrite, 2)
+            outputs["map"] = _write_zarr_remote(dataset(), os.fspath(out), overwrite, 2)
 
-    outputs: dict[str, Any] = {}
     _staged_all(stages, write)
     if map_stage is not None:
         outputs["map"] = map_stage.dst

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import zarr
 
 from psm_mapping.cli import main
 from psm_mapping.model.factory import tiny_clap_config

@@ -182,6 +182,17 @@ def test_misshaped_parameter_is_named(tiny_ckpt, tmp_path):
     assert "mis-shaped 1: text_encoder.mean_head.linear2.weight expected [512, 512] found [512, 256]" in msg
 
 
+def test_many_mismatches_name_three_keys_per_category(tiny_ckpt, tmp_path):
+    def edit(sd):
+        for k in [k for k in sd if k.startswith("text_encoder.") and k.endswith(".weight")][:5]:
+            sd["renamed_" + k] = sd.pop(k)
+
+    msg = _strict_error(tiny_ckpt, tmp_path, edit)
+    assert "missing 5: " in msg and "unexpected 5: " in msg
+    assert msg.count("expected [") == 3 and msg.count(" found [") == 3
+    assert msg.count("(+2 more)") == 2 and len(msg) < 800
+
+
 def test_missing_batchnorm_statistics_is_an_error(tiny_ckpt, tmp_path):
     msg = _strict_error(tiny_ckpt, tmp_path, lambda sd: sd.pop(AUDIO_BN + "running_mean"))
     assert f"missing 1: {AUDIO_BN}running_mean expected [64]" in msg

@@ -47,3 +47,4 @@ def test_demo_offline(tmp_path, monkeypatch, capsys):
     assert len(pngs) >= len(desc)
     html = (previews / "index.html").read_text()
     assert "UNTRAINED" in html.upper() or "untrained" in html
+    assert "Untrained weights:" in html  # the warning banner, not only the provenance table

@@ -126,6 +126,8 @@ def test_cog_acceptance(inp, first):
     assert tags["imagery_source"] == "scene.tif" and tags["imagery_kind"] == "local"
     assert tags["zoom_levels"] == "1" and tags["stride_m"] == "40"
     assert "text:birds" in tags["queries"]
+    assert tags["model"].startswith("PSM") and "imagery_attribution" in tags
+    assert "fuse=True" in tags["metadata"] and tags["fusion"] in ("on", "off")
     grid = grid_for(inp)
     assert meta["crs"].to_epsg() == 32632
     assert tuple(meta["transform"])[:6] == tuple(grid.transform)[:6]

@@ -1,7 +1,6 @@
 """Map writers: COG, Zarr, previews, HTML; overwrite protection and no partial outputs."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import re

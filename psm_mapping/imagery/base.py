@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from pyproj import CRS
 
+from ..errors import ImageryError
+
 
 @dataclass
 class ImageryWindow:
@@ -31,6 +33,10 @@ class ImageryWindow:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
+#: provenance value of an attribution or licence that a source does not state
+NOT_GIVEN = "not given by the source"
+
+
 @dataclass
 class SourceInfo:
     """What a source is, for logs and output provenance."""
@@ -43,15 +49,28 @@ class SourceInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def tags(self) -> dict[str, str]:
+        """Provenance tags; an attribution or licence the source does not state is said so
+        (GDAL drops empty tags, and the outputs must show the field)."""
         out = {
             "imagery_source": self.name,
             "imagery_kind": self.kind,
-            "imagery_attribution": self.attribution,
-            "imagery_license": self.license,
+            "imagery_attribution": self.attribution or NOT_GIVEN,
+            "imagery_license": self.license or NOT_GIVEN,
         }
         if self.native_resolution is not None:
             out["imagery_resolution_m"] = f"{self.native_resolution:.4g}"
         return out
+
+
+def check_window(bounds, crs, shape) -> tuple[tuple[float, float, float, float], CRS, int, int]:
+    """The arguments of :meth:`ImagerySource.read` checked and normalised:
+    ``(bounds as floats, pyproj CRS, height, width)``."""
+    crs = CRS.from_user_input(crs)
+    height, width = int(shape[0]), int(shape[1])
+    if height <= 0 or width <= 0:
+        raise ImageryError(f"window shape {shape} is empty: pass a positive (height, width)")
+    left, bottom, right, top = (float(b) for b in bounds)
+    return (left, bottom, right, top), crs, height, width
 
 
 class ImagerySource(abc.ABC):

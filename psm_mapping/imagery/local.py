@@ -28,7 +28,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from ..errors import ImageryError
-from .base import ImagerySource, ImageryWindow, SourceInfo
+from .base import ImagerySource, ImageryWindow, SourceInfo, check_window
 
 __all__ = ["LocalRasterSource", "DEFAULT_STRETCH_INT", "DEFAULT_STRETCH_FLOAT"]
 
@@ -151,11 +151,7 @@ class LocalRasterSource(ImagerySource):
 
     # ------------------------------------------------------------------ reading
     def read(self, bounds, crs, shape) -> ImageryWindow:
-        crs = CRS.from_user_input(crs)
-        h, w = int(shape[0]), int(shape[1])
-        if h <= 0 or w <= 0:
-            raise ImageryError(f"bad read shape {shape}: height and width must be positive")
-        left, bottom, right, top = (float(v) for v in bounds)
+        (left, bottom, right, top), crs, h, w = check_window(bounds, crs, shape)
         with self._lock:
             level = self._overview_level((left, bottom, right, top), crs, (h, w))
             src = self._dataset(level)

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
-from pyproj import CRS
 from rasterio.crs import CRS as RioCRS
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
@@ -29,7 +28,7 @@ from rasterio.warp import transform_bounds
 from tqdm.auto import tqdm
 
 from ..errors import ImageryError
-from .base import ImagerySource, ImageryWindow, SourceInfo
+from .base import ImagerySource, ImageryWindow, SourceInfo, check_window
 from .http import DEFAULT_USER_AGENT
 
 log = logging.getLogger(__name__)
@@ -325,11 +324,7 @@ class STACSource(ImagerySource):
 
     # -- reading ------------------------------------------------------------------------
     def read(self, bounds, crs, shape) -> ImageryWindow:
-        crs = CRS.from_user_input(crs)
-        height, width = int(shape[0]), int(shape[1])
-        if height <= 0 or width <= 0:
-            raise ImageryError(f"window shape {shape} is empty: pass a positive (height, width)")
-        bounds = tuple(float(b) for b in bounds)
+        bounds, crs, height, width = check_window(bounds, crs, shape)
         rio_crs = RioCRS.from_user_input(crs.to_wkt())
         lonlat = transform_bounds(rio_crs, "EPSG:4326", *bounds, densify_pts=21)
         self.prepare(lonlat)

@@ -32,7 +32,7 @@ from rasterio.warp import reproject, transform_bounds
 from tqdm.auto import tqdm
 
 from ..errors import ImageryError
-from .base import ImagerySource, ImageryWindow, SourceInfo
+from .base import ImagerySource, ImageryWindow, SourceInfo, check_window
 from .cache import TileCache
 from .http import DEFAULT_USER_AGENT, FetchResult, HTTPClient, HTTPConfig
 
@@ -346,11 +346,7 @@ class XYZSource(ImagerySource):
 
     # -- reading ------------------------------------------------------------------------
     def read(self, bounds, crs, shape) -> ImageryWindow:
-        crs = CRS.from_user_input(crs)
-        height, width = int(shape[0]), int(shape[1])
-        if height <= 0 or width <= 0:
-            raise ImageryError(f"window shape {shape} is empty: pass a positive (height, width)")
-        bounds = tuple(float(b) for b in bounds)
+        bounds, crs, height, width = check_window(bounds, crs, shape)
         data = np.zeros((3, height, width), np.uint8)
         mask = np.zeros((height, width), bool)
         plan = self.plan(bounds, crs, (height, width))

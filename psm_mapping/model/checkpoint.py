@@ -67,12 +67,17 @@ def _unsupported_global(msg: str) -> str | None:
     return m.group(1) if m else None
 
 
-def load_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with weights-only semantics and the Lightning allowlist; one-line errors."""
+def _existing(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} not found: pass --checkpoint PATH, set PSM_CHECKPOINT, "
                               "or fetch one with `psm-map weights download NAME`")
+    return p
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` with weights-only semantics and the Lightning allowlist; one-line errors."""
+    p = _existing(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
@@ -112,10 +117,7 @@ class RawCheckpoint:
 
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     """Read an official Lightning ``.ckpt``, a plain state_dict file, or a safetensors export."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} not found: pass --checkpoint PATH, set PSM_CHECKPOINT, "
-                              "or fetch one with `psm-map weights download NAME`")
+    p = _existing(path)
     with open(p, "rb") as f:
         head = f.read(16)
     if p.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
@@ -161,6 +163,10 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
+#: keys named per category in a mismatch message (the count is always given)
+_SHOWN_KEYS = 3
+
+
 def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], name: str) -> None:
     """Strict on parameters and stateful buffers; index buffers may be absent or extra."""
     missing = [k for k in expected if k not in found and not OPTIONAL_BUFFER_RE.search(k)]
@@ -172,8 +178,8 @@ def check_keys(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
     parts = []
 
     def show(keys, fmt, label):
-        items = [fmt(k) for k in keys[:8]]
-        more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+        items = [fmt(k) for k in keys[:_SHOWN_KEYS]]
+        more = f" (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
         parts.append(f"{label} {len(keys)}: " + ", ".join(items) + more)
 
     if missing:

@@ -54,19 +54,21 @@ class ProbEmbedding:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
+    def map(self, fn) -> "ProbEmbedding":
+        """``fn`` applied to ``mean``, ``raw_mean`` and ``logvar`` (when there is one)."""
+        lv = None if self.logvar is None else fn(self.logvar)
+        return ProbEmbedding(fn(self.mean), fn(self.raw_mean), lv)
+
     def __getitem__(self, idx) -> "ProbEmbedding":
         if isinstance(idx, int):
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        lv = None if self.logvar is None else self.logvar[idx]
-        return ProbEmbedding(self.mean[idx], self.raw_mean[idx], lv)
+        return self.map(lambda t: t[idx])
 
     def to(self, *args, **kwargs) -> "ProbEmbedding":
-        lv = None if self.logvar is None else self.logvar.to(*args, **kwargs)
-        return ProbEmbedding(self.mean.to(*args, **kwargs), self.raw_mean.to(*args, **kwargs), lv)
+        return self.map(lambda t: t.to(*args, **kwargs))
 
     def detach(self) -> "ProbEmbedding":
-        lv = None if self.logvar is None else self.logvar.detach()
-        return ProbEmbedding(self.mean.detach(), self.raw_mean.detach(), lv)
+        return self.map(torch.Tensor.detach)
 
     def cpu(self) -> "ProbEmbedding":
         return self.to("cpu")

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from ..constants import GSD, SAT_TYPES
 from ..errors import CheckpointError, InputError
-from .checkpoint import check_keys, read_checkpoint, save_safetensors, to_jsonable
+from .checkpoint import RawCheckpoint, check_keys, read_checkpoint, save_safetensors, to_jsonable
 from .clap import ClapBranch, audio_features, load_audio, load_tokenizer, resolve_clap_config, tokenize
 from .fusion import MetaFuser, metadata_items
 from .heads import ProbEmbedding, Projector
@@ -73,7 +72,7 @@ class PSMConfig:
                                   "use one of the official experiments (`psm-map weights`)") from None
         depth = _count_indexed(state_dict, pre + "backbone.blocks.")
         prob_keys = pre + "mean_head.linear1.weight" in state_dict
-        probabilistic = bool(hp.get("probabilistic", prob_keys)) if "probabilistic" in hp else prob_keys
+        probabilistic = bool(hp["probabilistic"]) if "probabilistic" in hp else prob_keys
         if hp.get("loss_type") in ("pcmepp", "infonce"):
             probabilistic = hp["loss_type"] == "pcmepp"
         if probabilistic != prob_keys:
@@ -158,17 +157,8 @@ class PSM(nn.Module):
                         dtype: torch.dtype | str = torch.float32) -> "PSM":
         """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely."""
         raw = read_checkpoint(path)
-        if raw.psm_config is not None:
-            cfg = PSMConfig.from_dict(raw.psm_config)
-        else:
-            cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
-        if clap_config is None:
-            clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
-        with torch.device("meta"):
-            model = cls(cfg, clap_config, dtype=_as_dtype(dtype))
-        name = Path(path).name
+        model = meta_model(raw, clap_config, dtype=_as_dtype(dtype))
         expected = model.state_dict()
-        check_keys(expected, raw.state_dict, name)
         sd = {k: v for k, v in raw.state_dict.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
         model._materialise_missing_buffers()
@@ -304,6 +294,22 @@ class PSM(nn.Module):
         return d
 
 
+def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.float32) -> PSM:
+    """The model ``raw`` describes, built on the meta device (no memory, no weights), after its
+    keys and shapes were checked strictly against the file's (:func:`check_keys`).
+    ``clap_config`` None: the checkpoint's own, else the laion/clap-htsat-fused architecture."""
+    if raw.psm_config is not None:
+        cfg = PSMConfig.from_dict(raw.psm_config)
+    else:
+        cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
+    if clap_config is None:
+        clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
+    with torch.device("meta"):
+        model = PSM(cfg, clap_config, dtype=dtype)
+    check_keys(model.state_dict(), raw.state_dict, Path(raw.path).name if raw.path else "checkpoint")
+    return model
+
+
 def _count_indexed(state_dict: dict, prefix: str) -> int:
     """Number of ``prefix.N.*`` submodules (e.g. transformer blocks)."""
     idx = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
@@ -311,8 +317,7 @@ def _count_indexed(state_dict: dict, prefix: str) -> int:
 
 
 def _float(e: ProbEmbedding) -> ProbEmbedding:
-    lv = None if e.logvar is None else e.logvar.float()
-    return ProbEmbedding(e.mean.float(), e.raw_mean.float(), lv)
+    return e.map(torch.Tensor.float)
 
 
 def _as_dtype(dtype) -> torch.dtype:

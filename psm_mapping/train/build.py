@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, GSD, SAT_TYPES
 from ..errors import ImageryError, InputError, OutputError, PSMError
 from .data import NATIVE_IMAGE_PX
-from .shards import Sample, parse_date, write_shards
+from .shards import Sample, write_shards
 
 log = logging.getLogger(__name__)
 

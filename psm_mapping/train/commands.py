@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..cli import command
-from ..errors import InputError
 
 _META_HELP = "metadata tokens, e.g. latlong_month_time_asource_tsource, or none"
 
@@ -171,7 +169,7 @@ def cmd_build_shards(argv: list[str]) -> int:
                       min_valid=a.min_valid, default_source=a.default_source, skip_bad=a.skip_bad,
                       progress=not a.quiet)
     rep = build_shards(a.table, a.imagery, a.out, cfg)
-    print(f"samples: " + ", ".join(f"{k} {v}" for k, v in rep.counts.items()))
+    print("samples: " + ", ".join(f"{k} {v}" for k, v in rep.counts.items()))
     print(f"shards written: {len(rep.written)}, already complete: {len(rep.skipped_shards)}")
     for b in rep.bad_rows:
         print(f"skipped: {b}", file=sys.stderr)

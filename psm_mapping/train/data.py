@@ -21,10 +21,9 @@ Everything is plain torch (no torchvision); randomness comes from a per-worker
 from __future__ import annotations
 
 import math
-import os
 import random
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
