@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from psm_mapping.model.heads import ProbEmbedding, cosine, csd
-from psm_mapping.train import retrieval_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from psm_mapping.model.heads import ProbEmbedding, cosine, csd  # noqa: E402
+from psm_mapping.train import retrieval_metrics  # noqa: E402
 
 
 def make_data(n: int, d: int, prob: bool, seed: int = 0) -> tuple[ProbEmbedding, ProbEmbedding]:

@@ -92,4 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # run the imported module's main: subcommands register themselves on `psm_mapping.cli`,
+    # not on this `__main__` copy
+    from psm_mapping.cli import main as _main
+
+    sys.exit(_main())

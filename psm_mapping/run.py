@@ -329,7 +329,8 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     result = build_map_result(maps, grid, prep.tags, prep.region, score=cfg.score)
     from .writers import write_outputs
 
-    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite)
+    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
+                            progress=cfg.progress)
     t_end = time.perf_counter()
     return MapRun(
         outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
@@ -452,7 +453,8 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     maps = query_store(store, queries, model=model, metadata=md)
     prov.update(metadata_tags(model, md))
     result = build_map_result(maps, store, prov, None, score=cfg.score)
-    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite)
+    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
+                            progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
     return MapRun(_describe_outputs(outputs), store_url, int(np.isfinite(maps.similarity[0][0]).sum()),

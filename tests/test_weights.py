@@ -83,3 +83,17 @@ def test_download_errors_are_one_line(cache, monkeypatch, capsys):
     assert len(err) == 1 and "download it by hand" in err[0]
     assert main(["weights", "download", "nope"]) == 2
     assert "psm-map weights" in capsys.readouterr().err
+
+
+def test_module_entry_points_know_every_subcommand(cache):
+    """`python -m psm_mapping` and `python -m psm_mapping.cli` reach the registered subcommands."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
+    for mod in ("psm_mapping", "psm_mapping.cli"):
+        r = subprocess.run([sys.executable, "-m", mod, "weights"], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "GeoSound_pcmepp_metadata_sentinel" in r.stdout

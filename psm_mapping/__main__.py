@@ -1,0 +1,6 @@
+"""``python -m psm_mapping`` = ``psm-map``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
