@@ -296,6 +296,7 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     source = open_source(cfg.imagery, **cfg.imagery_options)
     try:
         _check_overlap(source, region)
+        _warn_imagery_mismatch(source, model.config.sat_type, cfg.zoom_levels)
         sha = file_sha256(ckpt)
         spec = StoreSpec.for_grid(grid, block_size=cfg.block_size, zoom_levels=cfg.zoom_levels,
                                   checkpoint_sha256=sha, imagery=cfg.imagery, min_valid=cfg.min_valid,
@@ -369,6 +370,22 @@ def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
         Path(root).mkdir(parents=True, exist_ok=True)
         return str(Path(root) / f"{spec.key()}.zarr")
     return root.rstrip("/") + f"/{spec.key()}.zarr"
+
+
+def _warn_imagery_mismatch(source, sat_type: str, zoom_levels) -> None:
+    """Warn when the imagery is not what the checkpoint was trained on (the map still runs)."""
+    from .constants import chip_resolution_m
+
+    hint = source.info.extra.get("sat_type")
+    if hint and hint != sat_type:
+        log.warning("imagery %s is meant for %s checkpoints but this checkpoint is %s: the map is "
+                    "outside the training distribution", source.info.name, hint, sat_type)
+    native = source.info.native_resolution
+    finest = chip_resolution_m(sat_type, min(int(z) for z in zoom_levels))
+    if native and native > 3 * finest:
+        log.warning("imagery %s has %.3g m pixels but zoom-%d chips ask for %.3g m: chips will be "
+                    "blurry upsamplings; use finer imagery or higher zoom levels", source.info.name,
+                    native, min(int(z) for z in zoom_levels), finest)
 
 
 def _check_overlap(source, region) -> None:
