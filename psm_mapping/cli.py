@@ -22,8 +22,16 @@ def command(name: str):
     return deco
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line ``psm-map: error: ...`` and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        msg = " ".join(str(message).split())
+        self.exit(2, f"psm-map: error: {msg}: fix the value (see `{self.prog} -h`)\n")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"psm-map {prog}".strip(), description=description)
+    return ArgumentParser(prog=f"psm-map {prog}".strip(), description=description)
 
 
 @command("convert")
@@ -40,6 +48,9 @@ def cmd_convert(argv: list[str]) -> int:
     from .model import PSM
 
     out = Path(a.out)
+    if out.suffix != ".safetensors":
+        raise OutputError(f"output {out} must end in .safetensors (the converted format): "
+                          f"pass e.g. {out.with_suffix('.safetensors')}")
     if out.exists() and not a.overwrite:
         raise OutputError(f"{out} exists: pass --overwrite or choose another output path")
     if not out.parent.is_dir():

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import command
+from .cli import ArgumentParser, command
 from .errors import InputError
 
 
@@ -19,12 +19,25 @@ def _zooms(text: str) -> tuple[int, ...]:
     return z
 
 
+def _whole(name: str, lo: int, hi: int):
+    """An argparse type: a whole number (range checks stay with the library)."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a whole number: give one of {lo}..{hi}") from None
+
+    parse.__name__ = name
+    return parse
+
+
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", action="append", default=[], metavar="TEXT", help="text query (repeatable)")
     p.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio query (repeatable)")
     p.add_argument("--combine", action="store_true", help="combine each text with each audio as one query")
-    p.add_argument("--month", type=int, help="month 1..12 (default: masked)")
-    p.add_argument("--hour", type=int, help="hour 0..23 (default: masked)")
+    p.add_argument("--month", type=_whole("month", 1, 12), help="month 1..12 (default: masked)")
+    p.add_argument("--hour", type=_whole("hour", 0, 23), help="hour 0..23 (default: masked)")
     p.add_argument("--audio-source", help="yfcc, iNat, aporee or freesound (default: masked)")
     p.add_argument("--caption-source", help="meta, qwen or pengi (default: masked)")
     p.add_argument("--no-fusion", action="store_true", help="skip metadata fusion (the authors' maps)")
@@ -42,7 +55,7 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
 
 
 def map_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="psm-map",
         description="Soundscape maps from satellite imagery with PSM. Subcommands: query, info, "
                     "weights, convert, evaluate, build-shards, train (psm-map SUBCOMMAND -h).")
@@ -133,6 +146,9 @@ def run_map_cli(argv: list[str]) -> int:
         block_size=pick("block_size", DEFAULT_BLOCK_SIZE), min_valid=pick("min_valid", 0.5), progress=not a.quiet,
     )
     say = (lambda *x: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
+    if a.workers is not None and a.workers < 1:
+        raise InputError(f"--workers {a.workers} must be at least 1: give a number of worker processes, "
+                         "or drop it to run in this process")
     if a.workers or a.scheduler:
         from .distributed import map_region_distributed
 
@@ -145,7 +161,7 @@ def run_map_cli(argv: list[str]) -> int:
 
 @command("query")
 def cmd_query(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map query", description="Maps from an existing embedding store.")
+    p = ArgumentParser(prog="psm-map query", description="Maps from an existing embedding store.")
     p.add_argument("store", help="the .zarr store a previous run wrote")
     _add_query_args(p)
     a = p.parse_args(argv)
@@ -165,7 +181,7 @@ def cmd_query(argv: list[str]) -> int:
 
 @command("info")
 def cmd_info(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map info", description="What a map, store or checkpoint holds.")
+    p = ArgumentParser(prog="psm-map info", description="What a map, store or checkpoint holds.")
     p.add_argument("path")
     a = p.parse_args(argv)
     path = a.path
@@ -197,7 +213,7 @@ def cmd_info(argv: list[str]) -> int:
 
 @command("weights")
 def cmd_weights(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map weights", description="The 12 official PSM checkpoints.")
+    p = ArgumentParser(prog="psm-map weights", description="The 12 official PSM checkpoints.")
     sub = p.add_subparsers(dest="action")
     d = sub.add_parser("download", help="fetch one checkpoint into the cache (needs a network)")
     d.add_argument("name")

@@ -117,8 +117,10 @@ def load_region(path: str | os.PathLike | None = None, bbox=None,
                 feature: str | int | None = None) -> Region:
     """Load a region from a vector file (union of all features, or the one ``feature``
     chosen by name or index) or from a ``bbox`` W,S,E,N in degrees."""
-    if (path is None) == (bbox is None):
-        raise RegionError("give exactly one of a region file or --bbox W,S,E,N")
+    if path is None and bbox is None:
+        raise RegionError("no region given: pass exactly one of a region file or --bbox W,S,E,N")
+    if path is not None and bbox is not None:
+        raise RegionError("both a region file and --bbox given: give exactly one of them")
     if bbox is not None:
         if feature is not None:
             raise RegionError("--feature only applies to a region file: drop it or use a file")

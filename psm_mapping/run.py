@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .constants import DEFAULT_ZOOM_LEVELS
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
-from .errors import CheckpointError, ImageryError, InputError, OutputError
+from .errors import CheckpointError, ImageryError, InputError, OutputError, StoreError
 from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, OutputGrid, make_grid
 from .model.checkpoint import file_sha256
 from .query import QueryMaps, build_queries, query_store
@@ -142,6 +142,24 @@ def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
         if pd.exists():
             raise OutputError(f"preview folder {pd} exists: pass --overwrite to replace it, "
                               "--no-previews, or choose another --out")
+
+
+#: the largest zoom level a map accepts (chip = zoom x base tile; trained on 1, 3, 5)
+MAX_ZOOM_LEVEL = 5
+#: the file name endings each output format writes
+FORMAT_SUFFIXES = {"cog": (".tif", ".tiff"), "zarr": (".zarr",)}
+
+
+def _check_format(out: str, fmt: str) -> None:
+    """The --out name must end as the format writes it (a COG named .png or .zarr misleads)."""
+    if fmt not in FORMAT_SUFFIXES:
+        raise InputError(f"--format {fmt!r} is not supported: use cog or zarr")
+    name = str(out).rstrip("/").lower()
+    if not name.endswith(FORMAT_SUFFIXES[fmt]):
+        hint = " or pass --format zarr" if name.endswith(".zarr") else (
+            " or pass --format cog" if name.endswith((".tif", ".tiff")) else "")
+        raise OutputError(f"--out {out} does not match --format {fmt}: name it *"
+                          f"{FORMAT_SUFFIXES[fmt][0]} for a {fmt.upper() if fmt == 'cog' else 'Zarr'} output{hint}")
 
 
 def default_store_dir(out: str) -> str:
@@ -275,14 +293,14 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     from .region import load_region
 
     t_start = time.perf_counter()
-    if cfg.format not in ("cog", "zarr"):
-        raise InputError(f"--format {cfg.format!r} is not supported: use cog or zarr")
+    _check_format(cfg.out, cfg.format)
     if not cfg.imagery:
         raise InputError("no imagery given: pass --imagery PATH|xyz:URL|stac:URL|PRESET "
                          "(`psm-map --imagery` lists the presets)")
     if not cfg.queries and not cfg.audio:
         raise InputError("no query given: pass --query TEXT and/or --audio FILE")
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
+    _check_store_root(cfg.store)
     _check_numbers(cfg)
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
     region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
@@ -296,6 +314,8 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     source = open_source(cfg.imagery, **cfg.imagery_options)
     try:
         _check_overlap(source, region)
+        if callable(getattr(source, "prepare", None)):
+            source.prepare(region.bounds)  # searching sources (STAC) fail here, before the store exists
         _warn_imagery_mismatch(source, model.config.sat_type, cfg.zoom_levels)
         sha = file_sha256(ckpt)
         spec = StoreSpec.for_grid(grid, block_size=cfg.block_size, zoom_levels=cfg.zoom_levels,
@@ -356,17 +376,29 @@ def _check_numbers(cfg: MapConfig) -> None:
             raise InputError(f"--stride {cfg.stride:g} must be positive: give the pixel size in metres, e.g. --stride 40")
     if not cfg.zoom_levels or any(int(z) < 1 for z in cfg.zoom_levels):
         raise InputError(f"bad --zoom-level {tuple(cfg.zoom_levels)}: give positive integers, e.g. 1,3,5")
+    if any(int(z) > MAX_ZOOM_LEVEL for z in cfg.zoom_levels):
+        raise InputError(f"--zoom-level {tuple(cfg.zoom_levels)} is outside the trained range: PSM zoom levels "
+                         f"are chip-size multipliers 1..{MAX_ZOOM_LEVEL} (trained on 1,3,5), not web-map "
+                         "zooms: give e.g. 1,3,5")
     for name, v in (("--batch-size", cfg.batch_size), ("--block-size", cfg.block_size),
                     ("--max-pixels", cfg.max_pixels)):
         if int(v) < 1:
-            raise InputError(f"{name} {v} must be at least 1")
+            raise InputError(f"{name} {v} must be at least 1: give a positive whole number")
     if not 0.0 <= float(cfg.min_valid) <= 1.0:
-        raise InputError(f"--min-valid {cfg.min_valid} must be in [0, 1]")
+        raise InputError(f"--min-valid {cfg.min_valid} must be in [0, 1]: give the minimum valid fraction of a chip, e.g. 0.5")
+
+
+def _check_store_root(root: str | None) -> None:
+    """A local --store must be a folder (or not exist yet)."""
+    if root and "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
+        raise StoreError(f"--store {root} is a file, not a folder: pass a folder for the embedding "
+                         "stores (it is created if missing)")
 
 
 def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
     root = cfg.store or default_store_dir(cfg.out)
     if "://" not in root:
+        _check_store_root(root)
         Path(root).mkdir(parents=True, exist_ok=True)
         return str(Path(root) / f"{spec.key()}.zarr")
     return root.rstrip("/") + f"/{spec.key()}.zarr"
@@ -454,6 +486,7 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     from .writers import write_outputs
 
     t0 = time.perf_counter()
+    _check_format(cfg.out, cfg.format)
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
     prov = dict(store.attrs.get("provenance", {}))

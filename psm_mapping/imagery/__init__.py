@@ -47,6 +47,12 @@ def open_source(spec: str, **options) -> ImagerySource:
         from .xyz import XYZSource
 
         return presets.open_preset(spec, **_accepted(XYZSource, options))
+    import os
+
+    if not os.path.exists(spec) and "/" not in spec and os.sep not in spec and not os.path.splitext(spec)[1]:
+        # a bare name that is no file: a mistyped preset
+        raise ImageryError(f"unknown imagery preset {spec!r} (and no such file): pick one of "
+                           f"{', '.join(sorted(presets.PRESETS))} (`psm-map --imagery` lists them) or pass a path")
     from .local import LocalRasterSource
 
     return LocalRasterSource(spec, **_accepted(LocalRasterSource, options))

@@ -304,7 +304,21 @@ def _check_manifest(out: Path, settings: dict) -> None:
 def build_shards(table: str | os.PathLike, imagery, out_dir: str | os.PathLike, cfg: BuildConfig | None = None,
                  **source_options) -> BuildReport:
     """Build ``{train,val,test}_NNN.tar`` in ``out_dir`` (resumable). ``imagery``: an
-    :class:`ImagerySource` or a spec for :func:`open_source`."""
+    :class:`ImagerySource` or a spec for :func:`open_source`. A run that fails before its first
+    shard leaves no new ``out_dir`` behind."""
+    import shutil
+
+    out = Path(out_dir)
+    fresh = not out.exists()
+    try:
+        return _build_shards(table, imagery, out, cfg, **source_options)
+    except BaseException:
+        if fresh and out.is_dir() and not any(out.glob("*.tar")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build_shards(table, imagery, out_dir: Path, cfg: BuildConfig | None, **source_options) -> BuildReport:
     from ..imagery import ImagerySource, open_source
 
     cfg = cfg or BuildConfig()

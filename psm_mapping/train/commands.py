@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import command
+from ..cli import ArgumentParser, command
 
 _META_HELP = "metadata tokens, e.g. latlong_month_time_asource_tsource, or none"
 
@@ -29,7 +29,7 @@ def _devices(text: str):
 
 @command("train")
 def cmd_train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map train", description=(
+    p = ArgumentParser(prog="psm-map train", description=(
         "Train or fine-tune PSM on webdataset shards (PCME++ or InfoNCE). Keeps the best checkpoint by "
         "validation image-to-sound R@10%% and prints its path; defaults are the authors'."))
     p.add_argument("--shards", required=True, help="training shards: glob, {000..009} range or '::' list")
@@ -111,7 +111,7 @@ def cmd_train(argv: list[str]) -> int:
 
 @command("evaluate")
 def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map evaluate", description=(
+    p = ArgumentParser(prog="psm-map evaluate", description=(
         "Retrieval metrics of a checkpoint on test shards, as the paper: image-to-sound and sound-to-image, "
         "with and without text, zoom 1, first mel draw, metadata masked."))
     p.add_argument("--checkpoint", required=True)
@@ -147,7 +147,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 @command("build-shards")
 def cmd_build_shards(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="psm-map build-shards", description=(
+    p = ArgumentParser(prog="psm-map build-shards", description=(
         "Build train/val/test shards in the official PSM format from a CSV of samples (audio, latitude, "
         "longitude, date, audio_source, caption) and an imagery source. Resumable: rerun to continue."))
     p.add_argument("table", help="CSV file, one row per recording")

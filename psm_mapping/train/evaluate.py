@@ -177,8 +177,14 @@ def evaluate(checkpoint, shards, tokenizer=None, zoom_level: int = 1, mel_versio
     """Evaluate a checkpoint (path or :class:`PSM`) on shards; see the module docstring."""
     from ..model import PSM
     from ..model.clap import load_tokenizer
-    from .shards import expand_shards
+    from .shards import check_metadata_type, check_shards, expand_shards
 
+    check_metadata_type(metadata)
+    if int(batch_size) < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1: give a positive whole number")
+    if not 0 < float(recall_at) <= 100:
+        raise InputError(f"--recall-at {recall_at} must be a percent of the gallery in (0, 100], e.g. 10")
+    check_shards(expand_shards(shards))
     model = checkpoint if isinstance(checkpoint, PSM) else PSM.from_checkpoint(checkpoint, clap_config=clap_config)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -351,9 +351,42 @@ def _precision(p: str) -> str:
     return table.get(p, p)
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Cheap checks before any model is built or any folder written."""
+    import math
+    from pathlib import Path
+
+    from .shards import check_metadata_type, check_shards, expand_shards
+
+    check_metadata_type(cfg.metadata_type)
+    for name, v in (("--batch-size", cfg.batch_size), ("--val-batch-size", cfg.val_batch_size),
+                    ("--max-steps", cfg.max_steps), ("--val-every", cfg.val_check_interval)):
+        if int(v) < 1:
+            raise InputError(f"{name} {v} must be at least 1: give a positive whole number")
+    if not (math.isfinite(float(cfg.learning_rate)) and float(cfg.learning_rate) > 0):
+        raise InputError(f"--lr {cfg.learning_rate} is not positive: give a learning rate such as 5e-5")
+    if not (math.isfinite(float(cfg.weight_decay)) and float(cfg.weight_decay) >= 0):
+        raise InputError(f"--weight-decay {cfg.weight_decay} is negative: give 0 or more, e.g. 0.2")
+    if not 0.0 <= float(cfg.meta_droprate) <= 1.0:
+        raise InputError(f"--meta-droprate {cfg.meta_droprate} is not a probability: give a value in [0, 1], e.g. 0.5")
+    if int(cfg.num_workers) < 0:
+        raise InputError(f"--workers {cfg.num_workers} is negative: give 0 or more (0: load in this process)")
+    if cfg.resume and "://" not in str(cfg.resume) and not Path(cfg.resume).is_file():
+        raise CheckpointError(f"--resume {cfg.resume} not found: pass a Lightning checkpoint "
+                              "(psm-train/checkpoints/last.ckpt) or drop --resume")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: pass a folder for checkpoints and logs")
+    for shards in (cfg.shards, cfg.val_shards):
+        if shards and not isinstance(shards, torch.utils.data.Dataset):
+            check_shards(expand_shards(shards))
+
+
 def fit(cfg: TrainConfig) -> TrainResult:
     """Train (or fine-tune) PSM on shards; keeps the best checkpoint by validation I2S R@``recall_at``%."""
     from pathlib import Path
+
+    check_train_config(cfg)
 
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -425,4 +458,4 @@ def fit(cfg: TrainConfig) -> TrainResult:
                        best_score=None if score is None else float(score),
                        train_history=list(module.train_history), val_history=list(module.val_history),
                        out_dir=str(out))
-__all__ = ["PSMLightning", "TrainConfig", "TrainResult", "fit", "load_satmae", "load_clap_towers", "clap_config_of"]
+__all__ = ["PSMLightning", "TrainConfig", "TrainResult", "fit", "check_train_config", "load_satmae", "load_clap_towers", "clap_config_of"]

@@ -187,6 +187,31 @@ def expand_shards(pattern_or_paths: str | os.PathLike | Iterable[str | os.PathLi
     return out
 
 
+def check_shards(paths: Sequence[str]) -> None:
+    """Open each shard's first tar header: unreadable files fail here, not in a loader worker."""
+    for path in paths:
+        if "://" in str(path):
+            continue
+        try:
+            with tarfile.open(path, mode="r|*") as tar:  # the reader's mode
+                tar.next()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise InputError(f"shard {path} is not a readable tar file ({e}): re-create or re-download it") from None
+
+
+def check_metadata_type(text: str | None, flag: str = "--metadata") -> str:
+    """A metadata spec: ``none`` or items of latlong, month, time, asource, tsource joined by ``_``."""
+    from ..constants import METADATA_ITEMS
+
+    if text in (None, "", "none"):
+        return "none"
+    bad = [t for t in str(text).split("_") if t not in METADATA_ITEMS]
+    if bad:
+        raise InputError(f"{flag} {text!r} names unknown items {bad}: join items of "
+                         f"{', '.join(METADATA_ITEMS)} with '_' (e.g. latlong_month_time_asource_tsource), or none")
+    return str(text)
+
+
 # --------------------------------------------------------------------------- reading
 
 
