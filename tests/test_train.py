@@ -290,3 +290,10 @@ def test_training_run_learns_and_maps(tmp_path, tokenizer_dir, capsys):
                  "--tokenizer", str(tokenizer_dir), "--out", str(res), "--quiet"]) == 0
     rep = json.loads(res.read_text())
     assert rep["n"] == 20 and len(rep["results"]) == 4
+
+    # resuming reads the full training state (optimizer, loops) weights-only, with the allowlist
+    last = next(out.rglob("last.ckpt"))
+    resumed = [a if a != "120" else "124" for a in args]
+    resumed[resumed.index(str(out))] = str(tmp_path / "train2")
+    assert main(resumed + ["--resume", str(last)]) == 0
+    assert "train loss" in capsys.readouterr().out

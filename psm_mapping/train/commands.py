@@ -103,7 +103,8 @@ def cmd_train(argv: list[str]) -> int:
         print(f"train loss: first {res.train_history[0][1]:.4f}, last {res.train_history[-1][1]:.4f} "
               f"({len(res.train_history)} steps)")
     if res.best_checkpoint:
-        print(f"best checkpoint (I2S R@{cfg.recall_at}% {res.best_score:.4f}): {res.best_checkpoint}")
+        score = "unknown" if res.best_score is None else f"{res.best_score:.4f}"
+        print(f"best checkpoint (I2S R@{cfg.recall_at}% {score}): {res.best_checkpoint}")
     elif res.last_checkpoint:
         print(f"last checkpoint: {res.last_checkpoint}")
     return 0

@@ -451,7 +451,13 @@ def fit(cfg: TrainConfig) -> TrainResult:
     if cfg.validate_first and val_loader is not None:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
         module.val_history[-1]["step"] = 0
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.resume)
+    # resuming reads the full training state: weights-only, with the same small allowlist as
+    # PSM.from_checkpoint, never an arbitrary pickle
+    from ..model.checkpoint import _safe_globals
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=cfg.resume,
+                    weights_only=True if cfg.resume else None)
     best = ckpt_cb.best_model_path or None
     score = ckpt_cb.best_model_score
     return TrainResult(best_checkpoint=best, last_checkpoint=ckpt_cb.last_model_path or None,
