@@ -29,8 +29,9 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 2_000_000
 #: block side in pixels; the store uses the same value for its Zarr chunks
 DEFAULT_BLOCK_SIZE = 64
-#: rough chips/s of the ViT-B/16 image path, for the time estimate only
-ROUGH_CHIPS_PER_S = {"gpu": 400.0, "cpu": 8.0}
+#: rough chips/s of the full-size ViT-B/16 image path, for the time estimate only (CPU: measured
+#: 4.4/s on 2 cores, benchmarks/bench_model.py; GPU: an assumption, not yet measured)
+ROUGH_CHIPS_PER_S = {"gpu": 400.0, "cpu": 4.0}
 #: densify lon/lat edges to this many degrees before projecting (straight lon/lat edges
 #: are curves in a projected CRS)
 _DENSIFY_DEG = 0.01
