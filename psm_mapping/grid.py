@@ -75,7 +75,8 @@ class GridEstimate:
     def __str__(self) -> str:
         return (f"{self.pixels:,} pixels x {len(self.zoom_levels)} zoom levels "
                 f"{tuple(self.zoom_levels)} = {self.chips:,} chips in {self.blocks} blocks; "
-                f"roughly {_fmt_s(self.seconds_gpu)} on a GPU, {_fmt_s(self.seconds_cpu)} on CPU")
+                f"with a full-size ViT-B/16 roughly {_fmt_s(self.seconds_gpu)} on a GPU, "
+                f"{_fmt_s(self.seconds_cpu)} on CPU")
 
 
 def _fmt_s(s: float) -> str:
