@@ -33,7 +33,7 @@ from pyproj import CRS  # noqa: E402
 
 from psm_mapping.model.heads import ProbEmbedding  # noqa: E402
 from psm_mapping.query import Query, query_store  # noqa: E402
-from psm_mapping.store import EmbeddingStore, StoreSpec  # noqa: E402
+from psm_mapping.store import DONE, EmbeddingStore, StoreSpec  # noqa: E402
 
 D = 512
 
@@ -56,7 +56,7 @@ def build_store(path: Path, side: int, block: int, seed: int = 0) -> EmbeddingSt
         g["var_sum"][:, r:r + h] = vs
         g["uncertainty"][:, r:r + h] = np.sqrt(vs) * 15
         g["valid"][:, r:r + h] = 1.0
-    g["done"][:] = 1
+    g["status"][:] = DONE
     return store
 
 

@@ -100,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("psm-map: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `psm-map info STORE | head`: the reader left, nothing to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a file system refusing a write we did not foresee: still one line
+        where = f" at {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"psm-map: error: {exc.strerror or exc}{where}: free space or choose another "
+              "--out / --store folder you can write", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

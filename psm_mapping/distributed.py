@@ -33,7 +33,7 @@ from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
 from .errors import CheckpointError, InputError, OutputError
 from .grid import Block, OutputGrid
 from .query import QueryMaps, Query, prepare_query, query_block
-from .store import EmbeddingStore
+from .store import DONE, EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class BlockStats:
     skipped: bool = False
     chips: int = 0
     faults: int = 0
+    fault_pixels: int = 0
     model_calls: int = 0
     read_s: float = 0.0
     model_s: float = 0.0
@@ -91,6 +92,7 @@ class _ProcessCache:
         self.lock = threading.Lock()
         self.models: dict[tuple, tuple[Any, Any]] = {}
         self.sources: dict[str, Any] = {}
+        self.readers: dict[str, Any] = {}
         self.stores: dict[str, EmbeddingStore] = {}
         self.loads = 0  # model loads in this process (tests and logs)
 
@@ -110,6 +112,18 @@ class _ProcessCache:
             if key not in self.sources:
                 self.sources[key] = open_source(spec, **(options or {}))
             return self.sources[key]
+
+    def reader(self, spec: str, options: dict, grid: OutputGrid):
+        """A :class:`ChipReader` of the source in the grid's CRS: blocks of a worker share
+        its tile cache."""
+        from .tiling import ChipReader
+
+        source = self.source(spec, options)
+        key = spec + json.dumps(options or {}, sort_keys=True, default=str) + grid.crs.to_wkt()
+        with self.lock:
+            if key not in self.readers:
+                self.readers[key] = ChipReader(source, grid.crs, grid.sat_type)
+            return self.readers[key]
 
     def model(self, job: BlockJob):
         """(model, device) for ``job``'s checkpoint on this worker, loaded once per process."""
@@ -178,24 +192,38 @@ def _worker_device(device: str):
 
 
 def embed_block_task(job: BlockJob, grid: OutputGrid, block: Block) -> BlockStats:
-    """The dask task of one block: skip if done, else embed it and write its chunks + done flag."""
+    """The dask task of one block: embed the block's region pixels the store lacks and write
+    them (skipped when there are none). The block's lock file is held meanwhile, so another
+    run on the same store waits instead of computing it too."""
+    from .run import region_need
+    from .store import BlockLocks
+
     t0, c0 = time.perf_counter(), time.thread_time()
     stats = BlockStats(tuple(block.index), pid=os.getpid(), worker=_worker_name())
     store = _CACHE.store(job.store_url, job.storage_options)
-    if store.is_done(block):
-        stats.skipped = True
-        stats.seconds = time.perf_counter() - t0
-        return stats
-    model, device = _CACHE.model(job)
-    source = _CACHE.source(job.imagery, job.imagery_options)
-    embedder = ImageEmbedder(model, device, MetadataOptions(**job.metadata_options))
-    timings = Timings()
-    res = embed_block(block, grid=grid, source=source, embedder=embedder, zoom_levels=job.zoom_levels,
-                      batch_size=job.batch_size, min_valid=job.min_valid, timings=timings)
-    t1 = time.perf_counter()
-    store.write_block(res)
+    locks = BlockLocks(store.url)
+    try:
+        while not locks.acquire(block.index):
+            time.sleep(0.5)
+        need = region_need(store, grid, block)
+        if not need.any():
+            stats.skipped = True
+            stats.seconds = time.perf_counter() - t0
+            return stats
+        model, device = _CACHE.model(job)
+        reader = _CACHE.reader(job.imagery, job.imagery_options, grid)
+        embedder = ImageEmbedder(model, device, MetadataOptions(**job.metadata_options))
+        timings = Timings()
+        res = embed_block(block, grid=grid, source=reader, embedder=embedder,
+                          zoom_levels=job.zoom_levels, batch_size=job.batch_size,
+                          min_valid=job.min_valid, need=need, timings=timings)
+        t1 = time.perf_counter()
+        store.write_block(res)
+    finally:
+        locks.release(block.index)
     stats.write_s = time.perf_counter() - t1
     stats.chips, stats.faults, stats.model_calls = res.chips, res.faults, embedder.calls
+    stats.fault_pixels = res.fault_pixels
     stats.read_s, stats.model_s = timings.read_s, timings.model_s
     stats.seconds = time.perf_counter() - t0
     stats.cpu_s = time.thread_time() - c0
@@ -256,7 +284,7 @@ def connect(workers: int | None = None, scheduler: str | None = None, client=Non
         if workers is None or int(workers) < 1:
             raise InputError(f"--workers {workers} must be a positive number of processes")
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=":0", resources={"GPU": 1} if gpu else None)
+                               dashboard_address="127.0.0.1:0", resources={"GPU": 1} if gpu else None)
         client = Client(cluster)
     try:
         if torch_threads is None and cluster is not None:
@@ -293,8 +321,11 @@ def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, j
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    done = store.done_mask()
-    todo = [b for b in grid.blocks(block_size) if not done[b.index]]
+    from .run import region_need
+
+    status = store.status()
+    todo = [b for b in grid.blocks(block_size)
+            if region_need(store, grid, b, status[(slice(None), *b.slices)]).any()]
     if not todo:
         return []
     token = uuid.uuid4().hex[:8]
@@ -345,6 +376,7 @@ def _query_chunk(url: str, storage_options: dict, block: Block, qmat, mask, job:
     sim, unc = query_block(store, block, torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs),
                            model=model, metadata=md)
     out = np.concatenate([sim, unc[None]], axis=0).astype(np.float32)
+    out[:, store.status(block) != DONE] = np.nan  # never computed, or a read fault
     if mask is not None:
         out[:, :, ~mask] = np.nan
     return out
@@ -479,7 +511,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     """:func:`psm_mapping.run.map_region` on dask: ``workers`` (a new LocalCluster), ``scheduler``
     (an existing cluster's address) or ``client`` (a ``distributed.Client``). Returns a ``MapRun``
     whose ``blocks_retried`` counts blocks that ran more than once."""
-    from .run import MapRun, _describe_outputs, build_map_result, prepare_run
+    from .run import MapRun, _describe_outputs, build_map_result, check_faults, fault_message, prepare_run
 
     if sum(x is not None for x in (workers, scheduler, client)) != 1:
         raise InputError("give one of --workers N, --scheduler ADDRESS or a dask Client")
@@ -501,22 +533,24 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
         stats = compute_store_distributed(cl, store, grid, job, cfg.block_size, retries=retries,
                                           progress=cfg.progress, on_block=on_block)
         t_embed = time.perf_counter()
+        fault_pixels = check_faults(store, grid, prep.source)
+        tags = dict(prep.tags)
+        if fault_pixels:
+            tags["imagery_faults"] = fault_message(fault_pixels)
         maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
                                 storage_options=cfg.store_options)
-        result = build_map_result(maps, store, prep.tags, prep.region, score=cfg.score)
+        result = build_map_result(maps, store, tags, prep.region, score=cfg.score)
         outputs = write_outputs_dask(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
                                      overwrite=cfg.overwrite)
         t_end = time.perf_counter()
     computed = [s for s in stats if not s.skipped]
     faults = sum(s.faults for s in computed)
-    if faults:
-        log.warning("%d imagery tiles failed and were masked (see warnings above)", faults)
     task_s = sum(s.seconds for s in computed)
     return MapRun(
         outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
         chips=sum(s.chips for s in computed), blocks_total=total, blocks_computed=len(computed),
         image_model_calls=sum(s.model_calls for s in computed), faults=faults,
-        blocks_retried=sum(1 for s in stats if s.attempts > 1),
+        fault_pixels=fault_pixels, blocks_retried=sum(1 for s in stats if s.attempts > 1),
         seconds={"setup": t_setup - prep.t_start, "read": sum(s.read_s for s in computed),
                  "model": sum(s.model_s for s in computed),
                  "store_write": sum(s.write_s for s in computed), "tasks": task_s,

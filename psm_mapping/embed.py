@@ -18,8 +18,9 @@ from .errors import InputError
 from .grid import Block, OutputGrid
 from .imagery.base import ImagerySource
 from .model import PSM, Metadata
-from .store import BlockEmbeddings
-from .tiling import ChipBatch, ChipWindow, block_valid_fraction, normalize_chips, read_chip_windows
+from .store import DONE, FAULT, PENDING, BlockEmbeddings
+from .tiling import (ChipBatch, ChipReader, ChipWindow, block_faults, block_valid_fraction,
+                     normalize_chips, read_chip_windows)
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,18 @@ class ImageEmbedder:
         return out
 
 
-def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource, zoom_levels: Iterable[int],
+def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource | ChipReader,
+               zoom_levels: Iterable[int], need: np.ndarray | None = None,
                timings: Timings | None = None) -> dict[int, list[ChipWindow]]:
-    """Read a block's imagery: one window (plus halo) per zoom level, at the chip resolution."""
+    """Read a block's imagery per zoom level on the zoom's lattice (:mod:`psm_mapping.tiling`):
+    the chips of ``need`` (bool ``[Z, h, w]``: the pixels to compute; default every region
+    pixel at every zoom)."""
     t0 = time.perf_counter()
-    out = {int(z): read_chip_windows(source, grid, block, int(z), grid.sat_type) for z in zoom_levels}
+    zl = [int(z) for z in zoom_levels]
+    reader = source if isinstance(source, ChipReader) else ChipReader(source, grid.crs, grid.sat_type)
+    region = grid.mask[block.slices]
+    out = {z: read_chip_windows(reader, grid, block, z, need=region if need is None else need[k])
+           for k, z in enumerate(zl)}
     if timings is not None:
         timings.read_s += time.perf_counter() - t0
     return out
@@ -111,7 +119,9 @@ def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource, zoom_le
 def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: ImageEmbedder,
                   batch_size: int = 64, min_valid: float = 0.5,
                   timings: Timings | None = None) -> BlockEmbeddings:
-    """Cut chips from a block's windows, embed them, and assemble the block's arrays."""
+    """Cut chips from a block's windows, embed them, and assemble the block's arrays. Pixels
+    asked for get status DONE (embedded, or NaN below ``min_valid``) or FAULT (the chip
+    touches a failed read: NaN, not embedded); the others stay PENDING."""
     zl = tuple(windows)
     h, w, D = block.height, block.width, embedder.model.config.fc_dim
     Z = len(zl)
@@ -119,11 +129,15 @@ def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: 
         block=block,
         z_img=np.full((Z, h, w, D), np.nan, np.float16), mean=np.full((Z, h, w, D), np.nan, np.float16),
         var_sum=np.full((Z, h, w), np.nan, np.float32), uncertainty=np.full((Z, h, w), np.nan, np.float32),
-        valid=np.full((Z, h, w), np.nan, np.float32),
+        valid=np.full((Z, h, w), np.nan, np.float32), status=np.full((Z, h, w), PENDING, np.uint8),
     )
     t = timings if timings is not None else Timings()
     for k, z in enumerate(zl):
         res.valid[k] = block_valid_fraction(block, windows[z])
+        asked = np.isfinite(res.valid[k])
+        res.status[k][asked] = DONE
+        res.status[k][block_faults(block, windows[z])] = FAULT
+        res.valid[k][res.status[k] == FAULT] = np.nan
         for win in windows[z]:
             res.faults += win.faults
             for batch in win.batches(batch_size, min_valid, block):
@@ -138,9 +152,12 @@ def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: 
     return res
 
 
-def embed_block(block: Block, *, grid: OutputGrid, source: ImagerySource, embedder: ImageEmbedder,
-                zoom_levels: Iterable[int], batch_size: int = 64, min_valid: float = 0.5,
+def embed_block(block: Block, *, grid: OutputGrid, source: ImagerySource | ChipReader,
+                embedder: ImageEmbedder, zoom_levels: Iterable[int], batch_size: int = 64,
+                min_valid: float = 0.5, need: np.ndarray | None = None,
                 timings: Timings | None = None) -> BlockEmbeddings:
-    """The unit of work: one block's imagery read, chips cut and embedded, arrays assembled."""
-    windows = read_block(block, grid=grid, source=source, zoom_levels=zoom_levels, timings=timings)
+    """The unit of work: one block's imagery read, chips cut and embedded, arrays assembled
+    (only the pixels of ``need``, see :func:`read_block`)."""
+    windows = read_block(block, grid=grid, source=source, zoom_levels=zoom_levels, need=need,
+                         timings=timings)
     return embed_windows(block, windows, embedder, batch_size, min_valid, timings)

@@ -63,6 +63,9 @@ def map_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", help="W,S,E,N in degrees instead of a region file")
     p.add_argument("--feature", help="one feature of the region file, by name or index")
     p.add_argument("--imagery", nargs="?", const="", help="PATH, xyz:URL, stac:URL or a preset (no value: list presets)")
+    p.add_argument("--imagery-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the imagery reader, e.g. retries=2, timeout=10, max_zoom=16, "
+                        "cache_dir=tiles (repeatable)")
     p.add_argument("--zoom-level", type=_zooms, help="zoom levels, e.g. 1,3,5")
     p.add_argument("--stride", type=float, help="output pixel size in metres")
     p.add_argument("--crs", help="output CRS (default: UTM zone of the region)")
@@ -144,6 +147,7 @@ def run_map_cli(argv: list[str]) -> int:
         score=bool(pick("score", False)), store=pick("store"), overwrite=a.overwrite,
         device=pick("device", "auto"), dtype=pick("dtype", "auto"), batch_size=pick("batch_size", 64),
         block_size=pick("block_size", DEFAULT_BLOCK_SIZE), min_valid=pick("min_valid", 0.5), progress=not a.quiet,
+        imagery_options={**(preset.get("imagery_options") or {}), **_imagery_options(a.imagery_option)},
     )
     say = (lambda *x: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
     if a.workers is not None and a.workers < 1:
@@ -156,7 +160,27 @@ def run_map_cli(argv: list[str]) -> int:
     else:
         run = map_region(cfg, log_fn=say)
     say(run.summary())
+    if a.quiet and run.fault_pixels:  # a map with holes says so, quiet or not
+        from .run import fault_message
+
+        print(fault_message(run.fault_pixels), file=sys.stderr)
     return 0
+
+
+def _imagery_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> a dict, values read as YAML scalars (2 -> int, 0.5 -> float)."""
+    import yaml
+
+    out = {}
+    for it in items:
+        key, sep, value = it.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--imagery-option {it!r} is not KEY=VALUE: give e.g. --imagery-option retries=2")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = value
+    return out
 
 
 @command("query")

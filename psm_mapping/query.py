@@ -17,7 +17,7 @@ import torch
 from .errors import InputError, StoreError
 from .grid import Block
 from .model import PSM, ProbEmbedding
-from .store import EmbeddingStore
+from .store import DONE, EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
     Z, H, W = len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((Z, H, W), np.nan, np.float32)
+    status = store.status()
     done = store.done_mask()
     if not rerun and blocks is None:
         _query_slabs(store, qm, qvs, sims, unc, done)
+        _mask_not_done(status, sims, unc)
         return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
     lonlat = _LonLat(store) if rerun else None
     for b in (blocks if blocks is not None else store.iter_blocks()):
@@ -117,7 +119,18 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
                                           metadata=metadata, lonlat=lonlat)
         for q in range(len(queries)):
             sims[q][:, ys, xs] = sim[q]
+    _mask_not_done(status, sims, unc)
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
+
+
+def _mask_not_done(status: np.ndarray, sims: list[np.ndarray], unc: np.ndarray) -> None:
+    """NaN wherever the store's status is not DONE (never computed, or a read fault): a map
+    shows exactly what the store says it computed."""
+    nd = status != DONE
+    if nd.any():
+        unc[nd] = np.nan
+        for s in sims:
+            s[nd] = np.nan
 
 
 #: float16 bytes of ``mean`` read per slab by the fast path (a band of blocks, capped in width)

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
@@ -160,6 +161,12 @@ def _load_vector(path: str, feature: str | int | None) -> Region:
         gdf = gdf.set_crs("EPSG:4326")
     elif not gdf.crs.equals("EPSG:4326"):
         gdf = gdf.to_crs("EPSG:4326")
+    jump = next((j for j in map(_antimeridian_jump, gdf.geometry) if j is not None), None)
+    if jump is not None:
+        raise RegionError(f"region {name!r} in {path!r} crosses the antimeridian inside one ring "
+                          f"(longitude jumps from {jump[0]:g} to {jump[1]:g}), which reads as a strip "
+                          "around the whole world: split it at 180 degrees into two polygons, one "
+                          "east and one west of it (RFC 7946), or use --bbox W,S,E,N with W > E")
     geoms = [shapely.make_valid(g) for g in gdf.geometry]
     geom = shapely.union_all(geoms)
     geom = _polygonal(geom)
@@ -167,6 +174,19 @@ def _load_vector(path: str, feature: str | int | None) -> Region:
         raise RegionError(f"region {name!r} in {path!r} has no area (points or lines only): "
                           "give polygons or use --bbox")
     return Region(geom, name)
+
+
+def _antimeridian_jump(geom: BaseGeometry) -> tuple[float, float] | None:
+    """(lon before, lon after) of the first ring edge longer than 180 degrees of longitude."""
+    for poly in getattr(geom, "geoms", [geom]):
+        if not isinstance(poly, Polygon):
+            continue
+        for ring in (poly.exterior, *poly.interiors):
+            lon = np.asarray(ring.coords)[:, 0]
+            k = np.nonzero(np.abs(np.diff(lon)) > 180.0)[0]
+            if len(k):
+                return float(lon[k[0]]), float(lon[k[0] + 1])
+    return None
 
 
 def _looks_like_vector_dir(path: str) -> bool:

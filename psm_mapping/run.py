@@ -20,10 +20,11 @@ from . import __version__
 from .constants import DEFAULT_ZOOM_LEVELS
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
 from .errors import CheckpointError, ImageryError, InputError, OutputError, StoreError
+from .tiling import ChipReader
 from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, OutputGrid, make_grid
 from .model.checkpoint import file_sha256
 from .query import QueryMaps, build_queries, query_store
-from .store import EmbeddingStore, StoreSpec
+from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class MapRun:
     faults: int = 0
     #: dask runs only: blocks that ran more than once (worker lost or task error retried)
     blocks_retried: int | None = None
+    #: region pixel-zooms that are NaN in the map because an imagery read failed
+    fault_pixels: int = 0
 
     def summary(self) -> str:
         s = self.seconds
@@ -95,7 +98,15 @@ class MapRun:
                  f"store: {self.store}"]
         for k, v in self.outputs.items():
             lines.append(f"{k}: {v}")
+        if self.fault_pixels:
+            lines.append(fault_message(self.fault_pixels))
         return "\n".join(lines)
+
+
+def fault_message(fault_pixels: int) -> str:
+    """The line that says a map has holes from failed reads, and how they heal."""
+    return (f"{fault_pixels:,} pixel-zooms are masked (NaN) because imagery reads failed (tile "
+            "server errors after retries): rerun the same command to retry exactly those")
 
 
 def resolve_checkpoint(path: str | None) -> Path:
@@ -216,37 +227,98 @@ def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptio
     return tags
 
 
+@dataclass
+class StoreFill:
+    """What :func:`compute_store` did: blocks, failed reads, pixel-zooms masked for them."""
+
+    blocks_total: int = 0
+    blocks_computed: int = 0
+    faults: int = 0
+    fault_pixels: int = 0
+    pixels: int = 0
+
+
+def region_need(store: EmbeddingStore, grid: OutputGrid, block, status=None) -> np.ndarray:
+    """bool ``[Z, h, w]``: the block's region pixels that the store has not computed (DONE)."""
+    return store.pending(block, grid.mask[block.slices], status)
+
+
 def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: ImageEmbedder,
-                  cfg: MapConfig, timings: Timings) -> tuple[int, int, int]:
-    """Embed every block that is not done yet, with prefetch. Returns (computed, total, faults)."""
+                  cfg: MapConfig, timings: Timings, log_fn=print) -> StoreFill:
+    """Embed every region pixel the store lacks (not DONE: never computed, or a read fault of
+    an earlier run), block by block with prefetch. Blocks another live run is computing are
+    left to it and waited for at the end (lock files, :class:`BlockLocks`)."""
     from tqdm.auto import tqdm
 
-    blocks = list(grid.blocks(cfg.block_size))
-    todo = [b for b in blocks if not store.is_done(b)]
-    faults = 0
-    if not todo:
-        return 0, len(blocks), 0
-    px = sum(int(grid.mask[b.slices].sum()) for b in todo) * len(cfg.zoom_levels)
-    bar = tqdm(total=px, unit="chip", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     zl = tuple(cfg.zoom_levels)
-    read = lambda b: read_block(b, grid=grid, source=source, zoom_levels=zl)  # noqa: E731
+    status = store.status()
+    blocks = list(grid.blocks(cfg.block_size))
+    fill = StoreFill(blocks_total=len(blocks))
+    todo = [b for b in blocks if region_need(store, grid, b, status[(slice(None), *b.slices)]).any()]
+    if not todo:
+        return fill
+    fill.pixels = sum(int(region_need(store, grid, b, status[(slice(None), *b.slices)]).sum())
+                      for b in todo)
+    reader = ChipReader(source, grid.crs, grid.sat_type)
+    locks = BlockLocks(store.url)
+    queue, deferred = list(todo), []
+
+    def claim():
+        while queue:
+            b = queue.pop(0)
+            if locks.acquire(b.index):
+                return b
+            deferred.append(b)
+        return None
+
+    def read(b):
+        need = region_need(store, grid, b)  # fresh: another run may have done part of it
+        if not need.any():
+            return None, need
+        return read_block(b, grid=grid, source=reader, zoom_levels=zl, need=need), need
+
+    def embed(b, windows, need):
+        if windows is not None:
+            res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings)
+            t0 = time.perf_counter()
+            store.write_block(res)
+            timings.write_s += time.perf_counter() - t0
+            fill.blocks_computed += 1
+            fill.faults += res.faults
+            fill.fault_pixels += res.fault_pixels
+        locks.release(b.index)
+        bar.update(int(need.sum()))
+
+    bar = tqdm(total=fill.pixels, unit="chip", desc="embedding", disable=not cfg.progress,
+               smoothing=0.1)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="psm-prefetch") as pool:
-            fut = pool.submit(_timed, read, todo[0])
-            for k, b in enumerate(todo):
-                windows, dt = fut.result()
+            b = claim()
+            fut = pool.submit(_timed, read, b) if b is not None else None
+            while b is not None:
+                (windows, need), dt = fut.result()
                 timings.read_s += dt
-                if k + 1 < len(todo):
-                    fut = pool.submit(_timed, read, todo[k + 1])
-                res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings)
-                t0 = time.perf_counter()
-                store.write_block(res)
-                timings.write_s += time.perf_counter() - t0
-                faults += res.faults
-                bar.update(int(grid.mask[b.slices].sum()) * len(zl))
+                nb = claim()
+                fut = pool.submit(_timed, read, nb) if nb is not None else None
+                embed(b, windows, need)
+                b = nb
+        if deferred:
+            who = sorted({locks.holder(b.index) or "?" for b in deferred})
+            log_fn(f"waiting for {len(deferred)} blocks that another run ({', '.join(who)}) is "
+                   "computing in this store")
+        while deferred:
+            for b in list(deferred):
+                if locks.acquire(b.index):
+                    deferred.remove(b)
+                    (windows, need), dt = _timed(read, b)
+                    timings.read_s += dt
+                    embed(b, windows, need)
+            if deferred:
+                time.sleep(0.5)
     finally:
         bar.close()
-    return len(todo), len(blocks), faults
+        locks.release_all()
+    return fill
 
 
 def _describe_outputs(outputs: dict) -> dict[str, str]:
@@ -319,7 +391,7 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
         _warn_imagery_mismatch(source, model.config.sat_type, cfg.zoom_levels)
         sha = file_sha256(ckpt)
         spec = StoreSpec.for_grid(grid, block_size=cfg.block_size, zoom_levels=cfg.zoom_levels,
-                                  checkpoint_sha256=sha, imagery=cfg.imagery, min_valid=cfg.min_valid,
+                                  checkpoint_sha256=sha, imagery=source.identity(), min_valid=cfg.min_valid,
                                   fc_dim=model.config.fc_dim, probabilistic=model.config.probabilistic)
         store_url = _store_url(cfg, spec)
         tags = provenance(model, sha, source, grid, md, cfg)
@@ -338,16 +410,32 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     prep = prepare_run(cfg, log_fn)
     t_setup = time.perf_counter()
     store, grid = prep.store, prep.grid
+    timings = Timings()
+    fill = StoreFill()
     with prep.source as source:
-        timings = Timings()
         embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]))
-        computed, total, faults = compute_store(store, grid, source, embedder, cfg, timings)
-    if faults:
-        log.warning("%d imagery tiles failed and were masked (see warnings above)", faults)
-    t_embed = time.perf_counter()
-    maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
+        for attempt in range(3):  # a corrupt chunk found by the query: recompute its blocks
+            f = compute_store(store, grid, source, embedder, cfg, timings, log_fn)
+            fill.blocks_total = f.blocks_total
+            fill.blocks_computed += f.blocks_computed
+            fill.faults += f.faults
+            t_embed = time.perf_counter()
+            fault_pixels = check_faults(store, grid, source)
+            try:
+                maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
+                break
+            except CorruptChunkError as exc:
+                bad = store.find_corrupt_blocks()
+                if not bad or attempt == 2:
+                    raise
+                log_fn(f"store: {len(bad)} block(s) with corrupt chunks ({str(exc).split(' (')[0]}); "
+                       "computing them again")
+                store.reset_blocks(bad)
     t_query = time.perf_counter()
-    result = build_map_result(maps, grid, prep.tags, prep.region, score=cfg.score)
+    tags = dict(prep.tags)
+    if fault_pixels:
+        tags["imagery_faults"] = fault_message(fault_pixels)
+    result = build_map_result(maps, grid, tags, prep.region, score=cfg.score)
     from .writers import write_outputs
 
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
@@ -355,12 +443,31 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     t_end = time.perf_counter()
     return MapRun(
         outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
-        chips=timings.chips, blocks_total=total, blocks_computed=computed,
-        image_model_calls=embedder.calls, faults=faults,
+        chips=timings.chips, blocks_total=fill.blocks_total, blocks_computed=fill.blocks_computed,
+        image_model_calls=embedder.calls, faults=fill.faults, fault_pixels=fault_pixels,
         seconds={"setup": t_setup - prep.t_start, "read": timings.read_s, "model": timings.model_s,
                  "store_write": timings.write_s, "embed_total": t_embed - t_setup,
                  "query": t_query - t_embed, "write": t_end - t_query, "total": t_end - prep.t_start},
     )
+
+
+#: above this fraction of the region's pixel-zooms masked for read faults, a run fails
+MAX_FAULT_FRACTION = 0.5
+
+
+def check_faults(store: EmbeddingStore, grid: OutputGrid, source=None) -> int:
+    """Region pixel-zooms the store holds as FAULT (NaN, retried by the next run). Past
+    :data:`MAX_FAULT_FRACTION` of the region the imagery source is failing: an
+    :class:`ImageryError` (no map is written; the store keeps what was computed)."""
+    st = store.status()
+    n = int((st[:, grid.mask] == FAULT).sum())
+    total = int(grid.mask.sum()) * st.shape[0]
+    if total and n > MAX_FAULT_FRACTION * total:
+        name = source.info.name if source is not None else "the imagery"
+        raise ImageryError(f"{n:,} of {total:,} pixel-zooms of the region could not be read from "
+                           f"{name} (tile server errors after retries): no map written; rerun "
+                           "when the server answers again (finished pixels are kept)")
+    return n
 
 
 def _check_numbers(cfg: MapConfig) -> None:
@@ -399,7 +506,11 @@ def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
     root = cfg.store or default_store_dir(cfg.out)
     if "://" not in root:
         _check_store_root(root)
-        Path(root).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store folder {root} ({exc.strerror or exc}): pass "
+                             "--store in a folder you can write") from None
         return str(Path(root) / f"{spec.key()}.zarr")
     return root.rstrip("/") + f"/{spec.key()}.zarr"
 
@@ -502,10 +613,15 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     t1 = time.perf_counter()
     maps = query_store(store, queries, model=model, metadata=md)
     prov.update(metadata_tags(model, md))
+    fault_pixels = int((store.status() == FAULT).sum())
+    if fault_pixels:  # holes from failed reads: the map says so (the map run retries them)
+        prov["imagery_faults"] = fault_message(fault_pixels).replace(
+            "rerun the same command", "rerun the map command that built the store")
     result = build_map_result(maps, store, prov, None, score=cfg.score)
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
                             progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
     return MapRun(_describe_outputs(outputs), store_url, int(np.isfinite(maps.similarity[0][0]).sum()),
-                  0, int(done.sum()), 0, 0, {"setup": t1 - t0, "query": t2 - t1, "total": t2 - t0})
+                  0, int(done.sum()), 0, 0, {"setup": t1 - t0, "query": t2 - t1, "total": t2 - t0},
+                  fault_pixels=fault_pixels)

@@ -1,18 +1,31 @@
 """The embedding store: a Zarr group (any fsspec URL) holding, per zoom level and grid pixel,
 ``z_img`` (pre-fusion projector output, float16), the normalised ``mean`` (float16), ``var_sum``
-and ``uncertainty`` (float32) for the store's metadata settings, and the chip ``valid`` fraction.
+and ``uncertainty`` (float32) for the store's metadata settings, the chip ``valid`` fraction and
+a ``status``: :data:`PENDING` (not computed), :data:`DONE` (computed: an embedding, or NaN for
+too little valid imagery) or :data:`FAULT` (a read failed, e.g. a tile server error: NaN now,
+computed again by the next run).
 
-Image embeddings are expensive and query-independent: a store is keyed by the grid, the imagery,
-the checkpoint, the zoom levels and the tiler settings, and written block by block. A block's
-chunks are written whole, then its ``done`` flag; a killed run resumes with the missing blocks
-and ends with the same store as an uninterrupted run.
+Image embeddings are expensive and query-independent: a store is keyed by the grid, the imagery's
+identity (content of local files, URL of remote ones), the checkpoint, the zoom levels and the
+tiler settings, and written block by block. A run computes exactly the pixels its region needs
+that are not DONE (so one store serves every region on its grid), writes a block's chunks whole,
+then its status (the commit point); a killed run resumes with what is missing and ends with the
+same store as an uninterrupted run. Every chunk carries a CRC32C checksum, so a flipped bit is
+found like a truncated chunk (:meth:`EmbeddingStore.find_corrupt_blocks`); a map run recomputes
+such blocks. Local stores take a lock file per block while computing it
+(:class:`BlockLocks`), so two runs on one store never compute a block twice.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,8 +35,12 @@ from .grid import Block, OutputGrid, iter_blocks
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "psm-mapping-store/1"
+STORE_FORMAT = "psm-mapping-store/2"
+#: formats this version refuses, with what to do
+OLD_FORMATS = ("psm-mapping-store/1",)
 ARRAYS = ("z_img", "mean", "var_sum", "uncertainty", "valid")
+#: pixel status codes of the ``status`` array
+PENDING, DONE, FAULT = 0, 1, 2
 
 
 @dataclass
@@ -73,8 +90,17 @@ class BlockEmbeddings:
     var_sum: np.ndarray  # float32 [Z, h, w]
     uncertainty: np.ndarray  # float32 [Z, h, w]
     valid: np.ndarray  # float32 [Z, h, w]
+    #: uint8 [Z, h, w]: DONE / FAULT where computed, PENDING where not (the store keeps what it
+    #: had there); None: the whole block is DONE
+    status: np.ndarray | None = None
     chips: int = 0
+    #: failed source reads (tiles, scenes) behind the block
     faults: int = 0
+
+    @property
+    def fault_pixels(self) -> int:
+        """Pixel-zooms masked for read faults (retried by the next run)."""
+        return 0 if self.status is None else int((self.status == FAULT).sum())
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None = None):
@@ -106,6 +132,8 @@ class EmbeddingStore:
             group = _open_group(url, "r+", storage_options)
         except StoreError:
             group = None
+        if group is not None and group.attrs.get("format") in OLD_FORMATS:
+            raise _old_format(url, group.attrs.get("format"))
         if group is not None and group.attrs.get("format") == STORE_FORMAT:
             found = group.attrs.get("key")
             if found != spec.key():
@@ -117,15 +145,46 @@ class EmbeddingStore:
         if group is not None and len(list(group.keys())) > 0:
             raise StoreError(f"{url} holds something that is not a psm-mapping store: choose an "
                              "empty or new --store folder")
-        group = _open_group(url, "w", storage_options)
-        store = cls(url, group, spec)
-        store._create(attrs or {})
+        local = _local_path(url)
+        if local is not None and group is None:
+            return cls._create_local(local, url, spec, attrs)
+        try:
+            group = _open_group(url, "w", storage_options)
+            store = cls(url, group, spec)
+            store._create(attrs or {})
+        except OSError as exc:
+            raise _os_error(exc, url, "create the embedding store") from None
         return store
+
+    @classmethod
+    def _create_local(cls, path: Path, url: str, spec: StoreSpec, attrs: dict | None):
+        """Create under a temporary name and rename: a run starting at the same moment either
+        sees the whole new store or makes its own and finds this one there (and uses it)."""
+        import shutil
+
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            store = cls(str(tmp), _open_group(str(tmp), "w"), spec)
+            store._create(attrs or {})
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not path.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another run was first: use its store
+                return cls.open_or_create(url, spec, attrs)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _os_error(exc, url, "create the embedding store") from None
+        return cls(url, _open_group(url, "r+"), spec)
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> "EmbeddingStore":
         """Open an existing store (``mode="r+"`` to write blocks, e.g. from a dask worker)."""
         group = _open_group(url, mode, storage_options)
+        if group.attrs.get("format") in OLD_FORMATS:
+            raise _old_format(url, group.attrs.get("format"))
         if group.attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{url} is not a psm-mapping embedding store: pass the .zarr folder "
                              "that `psm-map` wrote under --store")
@@ -136,11 +195,12 @@ class EmbeddingStore:
         return store
 
     def _create(self, attrs: dict) -> None:
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec
 
         s = self.spec
         Z, H, W, D, bs = len(s.zoom_levels), s.height, s.width, s.fc_dim, s.block_size
-        comp = [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")]
+        # the checksum makes a flipped bit as detectable as a truncated chunk
+        comp = [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"), Crc32cCodec()]
         g = self.group
         for name, dtype in (("z_img", "float16"), ("mean", "float16")):
             g.create_array(name, shape=(Z, H, W, D), chunks=(1, bs, bs, D), dtype=dtype,
@@ -149,9 +209,8 @@ class EmbeddingStore:
         for name in ("var_sum", "uncertainty", "valid"):
             g.create_array(name, shape=(Z, H, W), chunks=(1, bs, bs), dtype="float32",
                            fill_value=np.nan, compressors=comp, dimension_names=("zoom", "y", "x"))
-        nby, nbx = -(-H // bs), -(-W // bs)
-        g.create_array("done", shape=(nby, nbx), chunks=(1, 1), dtype="uint8", fill_value=0,
-                       dimension_names=("block_y", "block_x"))
+        g.create_array("status", shape=(Z, H, W), chunks=(1, bs, bs), dtype="uint8",
+                       fill_value=PENDING, compressors=comp, dimension_names=("zoom", "y", "x"))
         t = s.transform
         xs = t[2] + (np.arange(W) + 0.5) * t[0]
         ys = t[5] + (np.arange(H) + 0.5) * t[4]
@@ -163,7 +222,7 @@ class EmbeddingStore:
                         "crs_wkt": s.crs_wkt})
 
     def _check_arrays(self) -> None:
-        missing = [a for a in (*ARRAYS, "done") if a not in self.group]
+        missing = [a for a in (*ARRAYS, "status") if a not in self.group]
         if missing:
             raise StoreError(f"the store {self.url} is incomplete (missing {', '.join(missing)}): "
                              "remove it and rerun to rebuild it")
@@ -173,27 +232,94 @@ class EmbeddingStore:
         bs = self.spec.block_size
         return block.row_off // bs, block.col_off // bs
 
-    def is_done(self, block: Block) -> bool:
-        i, j = self.block_index(block)
-        return bool(self.group["done"][i, j])
+    def status(self, block: Block | None = None) -> np.ndarray:
+        """uint8 ``[Z, h, w]`` pixel status of ``block`` (default: the whole grid). A status chunk
+        that does not decode reads as PENDING (its block is computed again)."""
+        if block is not None:
+            ys, xs = block.slices
+            try:
+                return np.asarray(self.group["status"][:, ys, xs])
+            except Exception:  # a corrupt status chunk: recompute the block
+                return np.zeros((len(self.spec.zoom_levels), block.height, block.width), np.uint8)
+        try:
+            return np.asarray(self.group["status"][:])
+        except Exception:
+            out = np.zeros((len(self.spec.zoom_levels), self.spec.height, self.spec.width), np.uint8)
+            for b in self.iter_blocks():
+                out[(slice(None), *b.slices)] = self.status(b)
+            return out
+
+    def pending(self, block: Block, need: np.ndarray, status: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[Z, h, w]``: pixels of ``need`` (bool [h, w], e.g. the region) not DONE yet."""
+        st = self.status(block) if status is None else status
+        return need[None] & (st != DONE)
+
+    def is_done(self, block: Block, need: np.ndarray | None = None) -> bool:
+        """True when every pixel of ``need`` (default: the whole block) is DONE at every zoom."""
+        need = np.ones((block.height, block.width), bool) if need is None else need
+        return not self.pending(block, need).any()
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """bool ``[block rows, block columns]``: blocks with computed pixels."""
+        st = self.status()
+        bs = self.spec.block_size
+        nby, nbx = -(-self.spec.height // bs), -(-self.spec.width // bs)
+        out = np.zeros((nby, nbx), bool)
+        for b in self.iter_blocks():
+            out[b.index] = bool((st[(slice(None), *b.slices)] == DONE).any())
+        return out
 
     def write_block(self, result: BlockEmbeddings) -> None:
-        """Write a block's chunks whole, then mark it done (the flag is written last)."""
+        """Write a block's computed pixels (merged with what the store holds elsewhere in the
+        block), chunks whole, then their status (written last: the commit point)."""
         b = result.block
         ys, xs = b.slices
         g = self.group
-        g["z_img"][:, ys, xs, :] = result.z_img
-        g["mean"][:, ys, xs, :] = result.mean
-        g["var_sum"][:, ys, xs] = result.var_sum
-        g["uncertainty"][:, ys, xs] = result.uncertainty
-        g["valid"][:, ys, xs] = result.valid
-        i, j = self.block_index(b)
-        g["done"][i, j] = 1
+        new = {n: getattr(result, n) for n in ARRAYS}
+        status = (np.full(result.valid.shape, DONE, np.uint8) if result.status is None
+                  else np.asarray(result.status, np.uint8).copy())
+        keep = status == PENDING
+        if keep.any():
+            old_status = self.status(b)
+            keep &= old_status != PENDING
+            try:
+                old = self.read_block(b) if keep.any() else None
+            except CorruptChunkError:  # unreadable: those pixels are computed again later
+                old = None
+            if old is not None:  # pixels an earlier run computed: keep them as they are
+                for n in ARRAYS:
+                    new[n] = new[n].copy()
+                    new[n][keep] = old[n][keep]
+                status[keep] = old_status[keep]
+        try:
+            g["z_img"][:, ys, xs, :] = new["z_img"]
+            g["mean"][:, ys, xs, :] = new["mean"]
+            for n in ("var_sum", "uncertainty", "valid"):
+                g[n][:, ys, xs] = new[n]
+            g["status"][:, ys, xs] = status
+        except OSError as exc:
+            raise _os_error(exc, self.url, f"write block {b.index} of the embedding store") from None
+
+    def reset_blocks(self, blocks) -> None:
+        """Mark ``blocks`` PENDING everywhere (e.g. after a corrupt chunk): the next run
+        computes them again."""
+        for b in blocks:
+            ys, xs = b.slices
+            self.group["status"][:, ys, xs] = np.zeros(
+                (len(self.spec.zoom_levels), b.height, b.width), np.uint8)
+
+    def find_corrupt_blocks(self, names=(*ARRAYS, "status")) -> list[Block]:
+        """Blocks with a chunk that does not decode (checksum mismatch, truncation)."""
+        bad = []
+        for b in self.iter_blocks():
+            try:
+                self.read_block(b, names)
+            except StoreError:
+                bad.append(b)
+        return bad
 
     def read_block(self, block: Block, names=ARRAYS, zoom_index: int | slice = slice(None)) -> dict:
+        """``{name: array}`` of one block (a :class:`StoreError` if a chunk does not decode)."""
         ys, xs = block.slices
         return {n: self.read(n, ys, xs, zoom_index, where=f"block {block.index}") for n in names}
 
@@ -206,9 +332,10 @@ class EmbeddingStore:
             return a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
         except Exception as exc:  # a chunk that does not decode (truncated, overwritten)
             at = where or f"rows {ys.start}..{ys.stop}, columns {xs.start}..{xs.stop}"
-            raise StoreError(f"the store {self.url} has a corrupt chunk in {name!r} at {at} "
-                             f"({type(exc).__name__}: {exc}): remove the store and rerun to "
-                             "rebuild it") from None
+            raise CorruptChunkError(f"the store {self.url} has a corrupt chunk in {name!r} at {at} "
+                                    f"({type(exc).__name__}: {exc}): rerun the map command that "
+                                    "built it (it recomputes corrupt blocks), or remove the store"
+                                    ) from None
 
     def iter_blocks(self) -> Iterator[Block]:
         """Every block of the store's grid (done or not), row-major."""
@@ -219,5 +346,105 @@ class EmbeddingStore:
         return dict(self.group.attrs)
 
     def __repr__(self) -> str:
-        d = self.done_mask()
-        return f"EmbeddingStore({self.url!r}, {int(d.sum())}/{d.size} blocks done)"
+        st = self.status()
+        return (f"EmbeddingStore({self.url!r}, {int((st == DONE).sum())} pixel-zooms done, "
+                f"{int((st == FAULT).sum())} faults)")
+
+
+class CorruptChunkError(StoreError):
+    """A chunk of the store does not decode (checksum mismatch or truncation)."""
+
+
+def _local_path(url: str) -> Path | None:
+    """The folder of a local store URL, None for a remote one."""
+    if "://" not in url:
+        return Path(url)
+    return Path(url[len("file://"):]) if url.startswith("file://") else None
+
+
+def _old_format(url: str, fmt: str) -> StoreError:
+    return StoreError(f"the store {url} was written by an older psm-mapping ({fmt}, this version "
+                      f"writes {STORE_FORMAT}): remove it to rebuild it, or pass another --store")
+
+
+def _os_error(exc: OSError, url: str, what: str) -> StoreError:
+    """One line for a failed store write: what, where, how to fix."""
+    where = getattr(exc, "filename", None) or url
+    if exc.errno == errno.ENOSPC:
+        fix = "free some space or pass --store on another disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "pass --store in a folder you can write"
+    else:
+        fix = "check the folder, or pass another --store"
+    return StoreError(f"cannot {what} at {where} ({exc.strerror or exc}): {fix}; finished blocks "
+                      "are kept and a rerun resumes")
+
+
+# --------------------------------------------------------------------------- locks
+class BlockLocks:
+    """One lock file per block beside a local store (``<store>.locks/<row>_<col>.lock``, holding
+    ``pid host time``), so that two runs on one store compute each block once: the second
+    waits for the first. A lock whose process is gone (same host) or older than
+    ``stale_s`` (another host) is stale and taken over. Remote stores are not locked."""
+
+    def __init__(self, store_url: str, stale_s: float = 12 * 3600):
+        local = _local_path(store_url.rstrip("/"))
+        self.dir = local.with_name(local.name + ".locks") if local is not None else None
+        self.stale_s, self.host, self.pid = stale_s, socket.gethostname(), os.getpid()
+        self.held: set[tuple[int, int]] = set()
+
+    def _path(self, index) -> Path:
+        return self.dir / f"{index[0]}_{index[1]}.lock"
+
+    def holder(self, index) -> str | None:
+        """``"pid N on HOST"`` of a live holder other than this process, else None."""
+        if self.dir is None:
+            return None
+        p = self._path(index)
+        try:
+            pid_s, host, t = p.read_text().split()[:3]
+            pid, t = int(pid_s), float(t)
+        except (OSError, ValueError):
+            return None if not p.exists() else f"an unknown process ({p})"
+        if host == self.host and pid == self.pid:
+            return None
+        if host == self.host:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return f"pid {pid}"
+        return None if time.time() - t > self.stale_s else f"pid {pid} on {host}"
+
+    def acquire(self, index) -> bool:
+        """Take the lock of block ``index``; False while another live run holds it."""
+        if self.dir is None:
+            return True
+        index = tuple(int(i) for i in index)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p = self._path(index)
+        for _ in range(2):
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self.holder(index) is not None:
+                    return False
+                p.unlink(missing_ok=True)  # stale, or our own from an earlier attempt
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.pid} {self.host} {time.time():.0f}\n")
+            self.held.add(index)
+            return True
+        return False
+
+    def release(self, index) -> None:
+        index = tuple(int(i) for i in index)
+        if self.dir is not None and index in self.held:
+            self._path(index).unlink(missing_ok=True)
+            self.held.discard(index)
+
+    def release_all(self) -> None:
+        for index in list(self.held):
+            self.release(index)

@@ -44,11 +44,11 @@ class _QuietHandler(BaseHTTPRequestHandler):
 class LocalServer:
     """A threaded HTTP server on 127.0.0.1 (port 0); a context manager."""
 
-    def __init__(self, handler_cls):
+    def __init__(self, handler_cls, port: int = 0):
         self.requests: list[str] = []
         self._lock = threading.Lock()
         handler = type("Handler", (handler_cls,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -72,6 +72,9 @@ class LocalServer:
         return self
 
     def stop(self) -> None:
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
@@ -111,10 +114,26 @@ class _TileHandler(_QuietHandler):
         if m["s"]:
             srv.subdomains_seen[m["s"]] += 1
         fault = srv.faults.get((z, x, y))
+        if fault is None and srv.fault_rule is not None:
+            fault = srv.fault_rule(z, x, y)
         with srv._lock:
             srv.hits[(z, x, y)] += 1
             srv.times[(z, x, y)].append(time.monotonic())
             nth = srv.hits[(z, x, y)]
+            srv.tile_requests += 1
+            dying = srv.die_after is not None and srv.tile_requests > srv.die_after
+        if dying:  # the kill switch: no answer, and the server goes away
+            threading.Thread(target=srv.stop, daemon=True).start()
+            self.close_connection = True
+            return
+        if fault == "delay":
+            time.sleep(srv.delay_s)
+            fault = None
+        if fault == "429":
+            return self._send(429, b"slow down", headers={"Retry-After": "0"})
+        if fault == "truncated":
+            body = srv.render(z, x, y) or b""
+            return self._send(200, body[:len(body) // 2], "image/png")
         if fault == "404":
             return self._send(404, b"not found")
         if fault == "500" or (fault == "500-once" and nth == 1):
@@ -134,17 +153,25 @@ class TileServer(LocalServer):
     (each optionally under a one-letter subdomain folder ``/a/...``) from ``render(z, x, y)``.
 
     ``faults`` maps XYZ tiles to ``"404"``, ``"500"``, ``"500-once"``, ``"429-once"`` (429 with
-    ``Retry-After: 1`` on the first request) or ``"corrupt"``."""
+    ``Retry-After: 1`` on the first request), ``"429"`` (always, ``Retry-After: 0``),
+    ``"corrupt"``, ``"truncated"`` (half of the real PNG) or ``"delay"`` (``delay_s`` late);
+    ``fault_rule(z, x, y)`` gives the fault of tiles not in ``faults`` (deterministic per tile).
+    ``die_after``: the kill switch, the server stops after that many tile requests. Clear
+    ``faults`` and ``fault_rule`` to heal it."""
 
     def __init__(self, render: Callable[[int, int, int], bytes | None],
-                 faults: dict[tuple[int, int, int], str] | None = None):
+                 faults: dict[tuple[int, int, int], str] | None = None,
+                 fault_rule: Callable[[int, int, int], str | None] | None = None,
+                 die_after: int | None = None, delay_s: float = 0.3, port: int = 0):
         self.render = render
         self.faults = dict(faults or {})
+        self.fault_rule, self.die_after, self.delay_s = fault_rule, die_after, delay_s
+        self.tile_requests = 0
         self.hits: Counter = Counter()
         self.times: defaultdict = defaultdict(list)
         self.subdomains_seen: Counter = Counter()
         self.user_agents: Counter = Counter()
-        super().__init__(_TileHandler)
+        super().__init__(_TileHandler, port)
 
     def template(self, kind: str = "xyz", subdomain: bool = False) -> str:
         root = self.url + ("/{s}" if subdomain else "")

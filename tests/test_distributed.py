@@ -217,7 +217,7 @@ def test_store_on_s3(inputs, reference, client, tmp_path):
         run = map_region_distributed(cfg, client=client, log_fn=lambda *a: None)
         total = reference["run"].blocks_total
         assert run.store.startswith("s3://psm-bucket/stores/") and run.blocks_computed == total
-        assert fs.exists(run.store.removeprefix("s3://") + "/done/zarr.json")
+        assert fs.exists(run.store.removeprefix("s3://") + "/status/zarr.json")
         st = EmbeddingStore.open(run.store, storage_options=opts)
         assert st.done_mask().sum() == total
         # a rerun on the same S3 store computes nothing

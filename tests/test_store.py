@@ -17,7 +17,7 @@ import zarr
 
 from psm_mapping.cli import main
 from psm_mapping.errors import StoreError
-from psm_mapping.store import ARRAYS, EmbeddingStore, StoreSpec
+from psm_mapping.store import ARRAYS, DONE, EmbeddingStore, StoreSpec
 
 from test_map_e2e import base_args, grid_for, make_inputs
 
@@ -45,12 +45,16 @@ def env() -> dict:
     return e
 
 
-def done_count(store_root: Path) -> int:
+def done_count(store_root: Path, bs: int = 4) -> int:
+    """Blocks (of ``bs`` px) whose pixels are all DONE at every zoom."""
     for p in store_root.glob("*.zarr"):
         try:
-            return int(np.asarray(zarr.open_group(str(p), mode="r")["done"][:]).sum())
+            st = np.asarray(zarr.open_group(str(p), mode="r")["status"][:])
         except Exception:  # not created yet, or mid-creation
             return 0
+        Z, H, W = st.shape
+        return sum(bool((st[:, r:r + bs, c:c + bs] == DONE).all())
+                   for r in range(0, H, bs) for c in range(0, W, bs))
     return 0
 
 
@@ -63,7 +67,7 @@ def computed_blocks(stderr: str) -> tuple[int, int]:
 def store_arrays(root: Path) -> dict[str, np.ndarray]:
     (path,) = root.glob("*.zarr")
     g = zarr.open_group(str(path), mode="r")
-    return {n: np.asarray(g[n][:]) for n in (*ARRAYS, "done", "x", "y", "zoom")}
+    return {n: np.asarray(g[n][:]) for n in (*ARRAYS, "status", "x", "y", "zoom")}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,7 @@ def test_kill9_resume_identical(fast_inp, tmp_path):
     assert main(command(inp, ref_out)[3:] + ["--quiet"]) == 0
 
     a, b = store_arrays(out.parent / "psm-store"), store_arrays(ref_out.parent / "psm-store")
-    assert a["done"].all()
+    assert (a["status"] == DONE).all()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name

@@ -24,6 +24,23 @@ def _accepted(cls, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
+def _check_option_names(options: dict) -> None:
+    """An option that no backend takes is a typo: say so instead of dropping it."""
+    import inspect
+
+    from ..errors import ImageryError
+    from .local import LocalRasterSource
+    from .stac import STACSource
+    from .xyz import XYZSource
+
+    known = {n for cls in (LocalRasterSource, STACSource, XYZSource)
+             for n in inspect.signature(cls.__init__).parameters if n != "self"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ImageryError(f"unknown imagery option(s) {', '.join(unknown)}: use some of "
+                           f"{', '.join(sorted(known))}")
+
+
 def open_source(spec: str, **options) -> ImagerySource:
     """Open an imagery source from a command-line spec (see module docstring).
 
@@ -31,6 +48,7 @@ def open_source(spec: str, **options) -> ImagerySource:
     backend takes the ones it knows."""
     from ..errors import ImageryError
 
+    _check_option_names(options)
     if not isinstance(spec, str) or not spec:
         raise ImageryError("no imagery source given: pass --imagery PATH|xyz:URL|stac:URL|PRESET")
     if spec.startswith("xyz:"):

@@ -27,6 +27,9 @@ class ImageryWindow:
     crs: CRS
     #: counts of degraded reads (e.g. tiles that failed and were masked)
     faults: int = 0
+    #: bool ``[H, W]``, True where a pixel is masked because a read failed (a tile server
+    #: error after the retries, an unreadable scene): transient, unlike nodata. None: none.
+    fault_mask: np.ndarray | None = None
 
     @property
     def valid_fraction(self) -> float:
@@ -91,6 +94,12 @@ class ImagerySource(abc.ABC):
     def footprint_lonlat(self) -> tuple[float, float, float, float] | None:
         """(west, south, east, north) in degrees that the source covers, or None if global."""
         return None
+
+    def identity(self) -> str:
+        """What the pixels this source returns depend on, for store keys: a change of the
+        imagery must change it. Remote sources: their URL (template) and settings; local
+        files: their content (see :meth:`LocalRasterSource.identity`)."""
+        return f"{self.info.kind}:{self.info.name}"
 
     def close(self) -> None:  # pragma: no cover - trivial
         pass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import datetime as _dt
 from datetime import time as _time
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 
 S2_ATTRIBUTION = "Contains modified Copernicus Sentinel data {years}"
 S2_LICENSE = "Copernicus Sentinel data terms (free, full and open; attribution required)"
-
-
-class SceneFaultWarning(UserWarning):
-    """A scene could not be read; the next scene fills its pixels."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +317,12 @@ class STACSource(ImagerySource):
         return Scene(item.id, asset.get_absolute_href() or asset.href, self._cloud(item),
                      tuple(item.bbox), item.datetime)
 
+    def identity(self) -> str:
+        """The catalog and the search and mosaic settings that choose and shape the pixels."""
+        return (f"stac:{self.url}|collection={self.collection}|datetime={self.datetime}|"
+                f"max_cloud={self.max_cloud:g}|max_items={self.max_items}|asset={self.asset}|"
+                f"resampling={self.resampling}|stretch={list(self.stretch)}")
+
     # -- reading ------------------------------------------------------------------------
     def read(self, bounds, crs, shape) -> ImageryWindow:
         bounds, crs, height, width = check_window(bounds, crs, shape)
@@ -332,7 +333,7 @@ class STACSource(ImagerySource):
         mask = np.zeros((height, width), bool)
         dst_transform = from_bounds(*bounds, width, height)
         candidates = [s for s in self.scenes if bbox_intersects(s.bbox, lonlat)]
-        faults, errors = 0, []
+        faults, errors, failed = 0, [], []
         with rasterio.Env(**self.gdal_env):
             for scene in tqdm(candidates, desc="scenes", unit="scene", leave=False,
                               disable=not self.progress):
@@ -343,6 +344,7 @@ class STACSource(ImagerySource):
                 except (RasterioError, OSError) as exc:
                     faults += 1
                     errors.append(f"{scene.id}: {exc}")
+                    failed.append(scene)
                     continue
                 fill = m & ~mask
                 data[:, fill] = d[:, fill]
@@ -351,12 +353,16 @@ class STACSource(ImagerySource):
             raise ImageryError(
                 f"cannot read any {self.asset!r} asset from {self.url} ({errors[0]}): check "
                 "your network, or pass sign=... if the catalog needs signed URLs")
+        fault_mask = None
         if faults:
-            msg = (f"{faults} of {len(candidates)} scenes could not be read "
-                   f"({'; '.join(errors)[:300]}); other scenes fill their pixels")
-            log.warning(msg)
-            warnings.warn(msg, SceneFaultWarning, stacklevel=2)
-        return ImageryWindow(data, mask, bounds, crs, faults=faults)
+            log.warning("%d of %d scenes could not be read (%s); their footprints are masked and "
+                        "retried by the next run", faults, len(candidates), "; ".join(errors)[:300])
+            # a failed scene would have filled (or, less cloudy, replaced) pixels in its
+            # footprint: all of them are faults, never silently another scene's
+            fault_mask = _footprints_mask(failed, rio_crs, dst_transform, (height, width))
+            mask &= ~fault_mask
+            data[:, fault_mask] = 0
+        return ImageryWindow(data, mask, bounds, crs, faults=faults, fault_mask=fault_mask)
 
     def _read_scene(self, scene: Scene, dst_crs, dst_transform, shape):
         href = self.sign(scene.href) if self.sign else scene.href
@@ -403,3 +409,15 @@ class STACSource(ImagerySource):
         if self.resampling != "auto":
             return Resampling[self.resampling]
         return Resampling.average if ratio > 1.01 else Resampling.bilinear
+
+
+def _footprints_mask(scenes, dst_crs, dst_transform, shape) -> np.ndarray:
+    """bool ``shape``: pixels inside any of the scenes' lon/lat bounding boxes."""
+    from rasterio.features import geometry_mask
+    from rasterio.warp import transform_geom
+    from shapely.geometry import box, mapping
+
+    geoms = [transform_geom("EPSG:4326", dst_crs, mapping(box(*s.bbox).segmentize(0.01)))
+             for s in scenes]
+    return geometry_mask(geoms, out_shape=shape, transform=dst_transform, invert=True,
+                         all_touched=True)

@@ -4,8 +4,10 @@ Placeholders: ``{z} {x} {y}``, ``{-y}`` (TMS, y flipped), ``{s}`` (subdomains), 
 (quadkey), WMTS ``{TileMatrix} {TileRow} {TileCol} {TileMatrixSet}``. The tile zoom is the
 coarsest one whose pixels are not coarser than the requested window; the covering tiles are
 fetched concurrently, mosaicked in 3857 and warped to the requested grid with antialiasing.
-Failed tiles (404, 5xx after retries, corrupt bytes) become masked pixels, a warning and a
-count in :attr:`ImageryWindow.faults`.
+A 404 is a tile the server does not have (nodata). Failed tiles (5xx or 429 after the retries,
+timeouts, corrupt bytes) are transient: their pixels are masked, marked in
+:attr:`ImageryWindow.fault_mask` (so the tiler never embeds a chip that touches them), logged
+once per read and counted in :attr:`ImageryWindow.faults`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import math
 import re
 import threading
 import time
-import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -57,10 +58,6 @@ _MERC_180 = RioCRS.from_proj4(
     "+proj=merc +a=6378137 +b=6378137 +lat_ts=0 +lon_0=180 +x_0=0 +y_0=0 +k=1 +units=m "
     "+nadgrids=@null +wktext +no_defs")
 _MERC = RioCRS.from_epsg(3857)
-
-
-class TileFaultWarning(UserWarning):
-    """Some tiles could not be read; their pixels are masked."""
 
 
 @dataclass
@@ -363,6 +360,7 @@ class XYZSource(ImagerySource):
         T = self.tile_size
         ncols, nrows = len(plan.cols), len(plan.rows)
         mosaic = np.zeros((4, nrows * T, ncols * T), np.uint8)
+        bad: list[tuple[int, int]] = []  # mosaic (row, column) of tiles that failed
         reasons: Counter[str] = Counter()
         t0 = time.perf_counter()
         n = 2**plan.zoom
@@ -370,13 +368,14 @@ class XYZSource(ImagerySource):
             i, j = row - plan.rows.start, col - plan.cols.start
             if isinstance(value, str):
                 reasons[value] += 1
+                bad.append((i, j))
                 continue
-            if not value:
-                reasons["404"] += 1
+            if not value:  # 404: the server has no tile there (nodata, not a fault)
                 continue
             rgba = _decode(value, T)
             if rgba is None:
                 reasons["corrupt image"] += 1
+                bad.append((i, j))
                 continue
             mosaic[:, i * T:(i + 1) * T, j * T:(j + 1) * T] = rgba
             key = (plan.zoom, col % n, row)
@@ -389,10 +388,9 @@ class XYZSource(ImagerySource):
         self.stats.faults += faults
         if faults:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-            msg = (f"{faults} of {len(plan.tiles)} tiles from {self.host} at zoom {plan.zoom} "
-                   f"failed ({detail}); their pixels are masked")
-            log.warning(msg)
-            warnings.warn(msg, TileFaultWarning, stacklevel=2)
+            log.warning("%d of %d tiles from %s at zoom %d failed (%s); their pixels are masked "
+                        "and retried by the next run", faults, len(plan.tiles), self.host,
+                        plan.zoom, detail)
 
         span = WORLD / n
         px = span / T
@@ -413,11 +411,29 @@ class XYZSource(ImagerySource):
             dst_crs=RioCRS.from_user_input(crs.to_wkt()),
             src_alpha=4, dst_alpha=4, resampling=resampling, init_dest_nodata=True,
         )
+        fault_mask = None
+        if faults:
+            # every output pixel the resampling kernel reaches from a failed tile: the tiles
+            # grown by the kernel's reach (cubic: 2 source pixels x the downsampling ratio),
+            # then each output pixel's footprint (max resampling)
+            d = int(math.ceil(2 * max(ratio, 1.0))) + 2
+            failed = np.zeros((1, nrows * T, ncols * T), np.uint8)
+            for i, j in bad:
+                failed[0, max(0, i * T - d):(i + 1) * T + d, max(0, j * T - d):(j + 1) * T + d] = 255
+            hit = np.zeros((1, height, width), np.uint8)
+            reproject(failed, hit, src_transform=src_transform, src_crs=src_crs,
+                      dst_transform=from_bounds(*bounds, width, height),
+                      dst_crs=RioCRS.from_user_input(crs.to_wkt()), resampling=Resampling.max,
+                      init_dest_nodata=False)
+            fault_mask = hit[0] > 0
         self.stats.warp_seconds += time.perf_counter() - t0
         mask = out[3] >= 128
+        if fault_mask is not None:
+            mask &= ~fault_mask
         data = out[:3]
         data[:, ~mask] = 0
-        return ImageryWindow(np.ascontiguousarray(data), mask, bounds, crs, faults=faults)
+        return ImageryWindow(np.ascontiguousarray(data), mask, bounds, crs, faults=faults,
+                             fault_mask=fault_mask)
 
     def _resampling(self, ratio: float) -> Resampling:
         if self.resampling != "auto":
@@ -427,6 +443,11 @@ class XYZSource(ImagerySource):
 
     def footprint_lonlat(self):
         return self._bounds_lonlat
+
+    def identity(self) -> str:
+        """The URL template and what shapes the pixels (zoom range, tile size, resampling)."""
+        return (f"xyz:{self.template}|zooms={self.min_zoom}-{self.max_zoom}|tile={self.tile_size}"
+                f"|resampling={self.resampling}")
 
     def close(self) -> None:
         self.http.close()
