@@ -205,7 +205,7 @@ def cmd_info(argv: list[str]) -> int:
             for k, v in st.attrs.get("provenance", {}).items():
                 print(f"  {k}: {v}")
             return 0
-    from .writers import read_info
+    from .outputs import read_info
 
     print(read_info(path).summary())
     return 0

@@ -22,6 +22,8 @@ from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_
 from .errors import CheckpointError, ImageryError, InputError, OutputError, StoreError
 from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, OutputGrid, make_grid
 from .model.checkpoint import file_sha256
+from .outputs import (FORMAT_SUFFIXES, build_map_result, default_preview_dir, describe_outputs, stac_path,
+                      write_outputs)
 from .query import QueryMaps, build_queries, query_store
 from .store import EmbeddingStore, StoreSpec
 
@@ -135,9 +137,10 @@ def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
         raise OutputError(f"output folder {parent} is not writable: choose another --out")
     if p.exists() and not overwrite:
         raise OutputError(f"{p} exists: pass --overwrite to replace it, or choose another --out")
+    if not overwrite and stac_path(p).exists():
+        raise OutputError(f"STAC item {stac_path(p)} exists: pass --overwrite to replace it, or choose "
+                          "another --out", option="out")
     if previews and not overwrite:
-        from .writers import default_preview_dir
-
         pd = default_preview_dir(p)
         if pd.exists():
             raise OutputError(f"preview folder {pd} exists: pass --overwrite to replace it, "
@@ -146,8 +149,6 @@ def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
 
 #: the largest zoom level a map accepts (chip = zoom x base tile; trained on 1, 3, 5)
 MAX_ZOOM_LEVEL = 5
-#: the file name endings each output format writes
-FORMAT_SUFFIXES = {"cog": (".tif", ".tiff"), "zarr": (".zarr",)}
 
 
 def _check_format(out: str, fmt: str) -> None:
@@ -168,7 +169,7 @@ def default_store_dir(out: str) -> str:
     return str(Path(out).parent / "psm-store")
 
 
-def _compute_dtype(dtype: str, device) -> str:
+def compute_dtype(dtype: str, device) -> str:
     if dtype == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     return dtype
@@ -180,7 +181,7 @@ def load_model(cfg: MapConfig):
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.checkpoint)
     model = PSM.from_checkpoint(ckpt, clap_config=cfg.clap_config, device=device,
-                                dtype=_compute_dtype(cfg.dtype, device))
+                                dtype=compute_dtype(cfg.dtype, device))
     return model, ckpt, device
 
 
@@ -247,16 +248,6 @@ def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: Ima
     finally:
         bar.close()
     return len(todo), len(blocks), faults
-
-
-def _describe_outputs(outputs: dict) -> dict[str, str]:
-    out = {}
-    for k, v in outputs.items():
-        if isinstance(v, (list, tuple)):
-            out[k] = f"{len(v)} files in {Path(v[0]).parent}" if v else "none"
-        else:
-            out[k] = str(v)
-    return out
 
 
 def _timed(fn, *a):
@@ -348,13 +339,11 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
     t_query = time.perf_counter()
     result = build_map_result(maps, grid, prep.tags, prep.region, score=cfg.score)
-    from .writers import write_outputs
-
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
                             progress=cfg.progress)
     t_end = time.perf_counter()
     return MapRun(
-        outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
+        outputs=describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
         chips=timings.chips, blocks_total=total, blocks_computed=computed,
         image_model_calls=embedder.calls, faults=faults,
         seconds={"setup": t_setup - prep.t_start, "read": timings.read_s, "model": timings.model_s,
@@ -434,57 +423,8 @@ def _check_overlap(source, region) -> None:
                            "another --imagery")
 
 
-def build_map_result(maps: QueryMaps, grid_or_store, tags: dict, region=None, score: bool = False):
-    """Bands per (query, zoom) plus uncertainty per zoom, NaN outside the region."""
-    from affine import Affine
-    from pyproj import CRS
-
-    from .writers import MapBand, MapResult
-
-    if isinstance(grid_or_store, OutputGrid):
-        crs, transform, mask = grid_or_store.crs, grid_or_store.transform, grid_or_store.mask
-    else:
-        spec = grid_or_store.spec
-        crs, transform = CRS.from_wkt(spec.crs_wkt), Affine(*spec.transform)
-        mask = None
-    bands = []
-    probabilistic = any(q.embedding.logvar is not None for q in maps.queries)
-    for qi, q in enumerate(maps.queries):
-        sc = maps.score(qi) if score else None
-        for k, z in enumerate(maps.zoom_levels):
-            data = _masked(maps.similarity[qi][k], mask)
-            what = "similarity (negative csd)" if probabilistic else "similarity (cosine)"
-            bands.append(MapBand(f"similarity:{q.label}:z{z}", data,
-                                 f"{what} to {q.kind} query '{q.label}' at zoom {z}", "similarity", q.label, z))
-            if sc is not None:
-                bands.append(MapBand(f"score:{q.label}:z{z}", _masked(sc[k], mask),
-                                     f"0-1 score for '{q.label}' at zoom {z}", "score", q.label, z))
-    if probabilistic:
-        for k, z in enumerate(maps.zoom_levels):
-            bands.append(MapBand(f"uncertainty:z{z}", _masked(maps.uncertainty[k], mask),
-                                 f"image embedding uncertainty (std norm) at zoom {z}", "uncertainty", None, z))
-    t = dict(tags)
-    t["queries"] = " | ".join(f"{q.kind}:{q.label}" for q in maps.queries)
-    geojson = None
-    if region is not None:
-        from shapely.geometry import mapping
-
-        geojson = mapping(region.geometry)
-    return MapResult(bands, crs, transform, t, geojson)
-
-
-def _masked(a: np.ndarray, mask) -> np.ndarray:
-    if hasattr(a, "dask") and mask is None:  # a lazy dask array (distributed runs) stays lazy
-        return a.astype(np.float32)
-    a = np.asarray(a, dtype=np.float32)
-    return a if mask is None else np.where(mask, a, np.nan).astype(np.float32)
-
-
 def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     """Maps from an existing store: no imagery and no image inference, only the query pass."""
-    from .errors import StoreError
-    from .writers import write_outputs
-
     t0 = time.perf_counter()
     _check_format(cfg.out, cfg.format)
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
@@ -507,5 +447,5 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
                             progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
-    return MapRun(_describe_outputs(outputs), store_url, int(np.isfinite(maps.similarity[0][0]).sum()),
+    return MapRun(describe_outputs(outputs), store_url, int(np.isfinite(maps.similarity[0][0]).sum()),
                   0, int(done.sum()), 0, 0, {"setup": t1 - t0, "query": t2 - t1, "total": t2 - t0})

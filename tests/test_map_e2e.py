@@ -140,7 +140,7 @@ def test_cog_acceptance(inp, first):
     assert np.all(data[0][grid.mask] < 0)
     assert np.all(data[1][grid.mask] > 0)
     # previews and the HTML page next to the map
-    prev = out.parent / "map_preview"
+    prev = out.parent / "map.tif.preview"
     assert (prev / "index.html").is_file() and len(list(prev.glob("*.png"))) >= 2
 
 
