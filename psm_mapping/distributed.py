@@ -389,7 +389,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     """:func:`psm_mapping.run.map_region` on dask: ``workers`` (a new LocalCluster), ``scheduler``
     (an existing cluster's address) or ``client`` (a ``distributed.Client``). Returns a ``MapRun``
     whose ``blocks_retried`` counts blocks that ran more than once."""
-    from .outputs import build_map_result, describe_outputs, write_outputs
+    from .outputs import build_map_result, write_outputs
     from .run import MapRun, prepare_run
 
     if sum(x is not None for x in (workers, scheduler, client)) != 1:
@@ -401,7 +401,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     job = BlockJob(store_url=prep.store_url, storage_options=dict(cfg.store_options or {}),
                    checkpoint=str(prep.ckpt.resolve()), checkpoint_sha256=prep.sha,
                    clap_config=cfg.clap_config, device=str(cfg.device), dtype=str(cfg.dtype),
-                   imagery=cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
+                   imagery=prep.cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
                    metadata_options=dict(store.attrs["metadata_options"]),
                    zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(cfg.batch_size),
                    min_valid=float(cfg.min_valid))
@@ -423,14 +423,11 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     if faults:
         log.warning("%d imagery tiles failed and were masked (see warnings above)", faults)
     task_s = sum(s.seconds for s in computed)
-    return MapRun(
-        outputs=describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
-        chips=sum(s.chips for s in computed), blocks_total=total, blocks_computed=len(computed),
-        image_model_calls=sum(s.model_calls for s in computed), faults=faults,
-        blocks_retried=sum(1 for s in stats if s.attempts > 1),
-        seconds={"setup": t_setup - prep.t_start, "read": sum(s.read_s for s in computed),
-                 "model": sum(s.model_s for s in computed),
-                 "store_write": sum(s.write_s for s in computed), "tasks": task_s,
-                 "embed_total": t_embed - t_setup, "query+write": t_end - t_embed,
-                 "total": t_end - prep.t_start},
-    )
+    return MapRun.from_timings(
+        outputs, prep.store_url, prep.t_start,
+        [("setup", t_setup), ("embed_total", t_embed), ("query+write", t_end)],
+        {"read": sum(s.read_s for s in computed), "model": sum(s.model_s for s in computed),
+         "store_write": sum(s.write_s for s in computed), "tasks": task_s},
+        pixels=grid.pixel_count, chips=sum(s.chips for s in computed), blocks_total=total,
+        blocks_computed=len(computed), image_model_calls=sum(s.model_calls for s in computed), faults=faults,
+        blocks_retried=sum(1 for s in stats if s.attempts > 1))

@@ -307,7 +307,7 @@ def test_pipeline_presets_and_regions(monkeypatch, tmp_path):
     regions load."""
     from psm_mapping.errors import CheckpointError
     from psm_mapping.imagery.presets import PRESETS
-    from psm_mapping.mapcli import load_preset
+    from psm_mapping.cli.map import load_preset
     from psm_mapping.region import load_region
     from psm_mapping.run import MapConfig, resolve_checkpoint
     from psm_mapping.weights import EXPERIMENTS

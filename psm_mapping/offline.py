@@ -1,0 +1,35 @@
+"""Offline mode: ``--offline``, ``PSM_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``.
+
+Whatever would be downloaded (an official checkpoint, the roberta-base tokenizer) is then an
+error at once, one line naming what to pass or fetch, instead of retries against hosts that
+cannot be reached. Without the flags, a host that does not answer within a few seconds counts
+as offline too (:func:`reachable`)."""
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+_ON = ("1", "true", "yes", "on")
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(k, "0").strip().lower() in _ON
+               for k in ("PSM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def set_offline() -> None:
+    """Offline for this process and the libraries it calls (``--offline``)."""
+    for k in ("PSM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[k] = "1"
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds."""
+    u = urlparse(url if "://" in url else f"https://{url}")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
