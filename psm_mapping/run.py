@@ -85,8 +85,8 @@ def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable: choose another --out")
+    if not os.access(parent, os.W_OK) or not _can_create_in(parent):
+        raise OutputError(f"output folder {parent} is not writable: choose another --out", option="out")
     if p.exists() and not overwrite:
         raise OutputError(f"{p} exists: pass --overwrite to replace it, or choose another --out")
     if not overwrite and stac_path(p).exists():
@@ -338,11 +338,29 @@ def _check_store_root(root: str | None) -> None:
                          "stores (it is created if missing)")
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (``os.access`` says yes for root anywhere,
+    also under /proc)."""
+    import uuid
+
+    probe = folder / f".psm-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
     root = cfg.store or default_store_dir(cfg.out)
     if "://" not in root:
         _check_store_root(root)
-        Path(root).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store folder {root} ({exc.strerror or exc}): pass a writable "
+                             "--store", option="store") from None
         return str(Path(root) / f"{spec.key()}.zarr")
     return root.rstrip("/") + f"/{spec.key()}.zarr"
 

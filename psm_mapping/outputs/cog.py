@@ -14,7 +14,7 @@ from pyproj import CRS
 
 from ..errors import InputError, OutputError
 from .results import MapResult, check_result, full_tags
-from .staging import Stage, is_local, local_path, staged_all
+from .staging import Stage, is_local, local_path, raw_bytes, staged_all
 
 
 def cog_profile(compress: str, blocksize: int) -> dict[str, Any]:
@@ -122,5 +122,6 @@ def write_cog(result: MapResult, path: str | os.PathLike, overwrite: bool = Fals
     arrays = check_result(result)
     cog_profile(compress, blocksize)
     stage = Stage(local_path(path), overwrite)
-    staged_all([stage], lambda: write_cog_any(result, arrays, stage.tmp, compress, blocksize))
+    staged_all([stage], lambda: write_cog_any(result, arrays, stage.tmp, compress, blocksize),
+               need_bytes=raw_bytes(arrays))
     return stage.dst

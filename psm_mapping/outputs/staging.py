@@ -193,13 +193,29 @@ _SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 _ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def write_error(exc: BaseException, where: str) -> OutputError | None:
-    """``exc`` raised while writing ``where`` as one OutputError line, or None if it is not an
-    I/O failure (then it propagates as it is)."""
+def _short_of_space(folder: Path | None, need_bytes: int) -> bool:
+    """Whether ``folder``'s file system has less than 1 MiB, or less than ``need_bytes``, free."""
+    if folder is None:
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < max(1 << 20, int(need_bytes))
+
+
+def write_error(exc: BaseException, where: str, folder: Path | None = None,
+                need_bytes: int = 0) -> OutputError | None:
+    """``exc`` raised while writing ``where`` (in local ``folder``) as one OutputError line, or
+    None if it is not an I/O failure (then it propagates as it is). GDAL's write errors do not
+    say why (libtiff prints ENOSPC to stderr and GDAL removes the partial file), so a disk with
+    less free space than ``need_bytes`` (the uncompressed size of the output) counts as full."""
     text = " ".join(str(exc).split())
-    code = getattr(exc, "errno", None)
+    gdal = type(exc).__name__.startswith("CPLE_")  # rasterio: .errno is GDAL's error class
+    code = None if gdal else getattr(exc, "errno", None)
     low = text.lower()
-    if code in _SPACE or "no space left" in low or "disk space" in low or "disk full" in low:
+    if code in _SPACE or "no space left" in low or "disk space" in low or "disk full" in low or (
+            (gdal or isinstance(exc, OSError)) and _short_of_space(folder, need_bytes)):
         return OutputError(f"cannot write {where}: No space left on device: free space there or "
                            "choose another --out", option="out")
     if code in _ACCESS or "permission denied" in low or "read-only file system" in low:
@@ -208,24 +224,32 @@ def write_error(exc: BaseException, where: str) -> OutputError | None:
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         return OutputError(f"cannot write {where} ({text}): check free space and that the folder is "
                            "writable, or choose another --out", option="out")
-    if type(exc).__name__.startswith("CPLE_"):  # GDAL (rasterio) I/O errors
+    if gdal:
         return OutputError(f"cannot write {where} (GDAL: {text}): check free space and that the folder "
                            "is writable, or choose another --out", option="out")
     return None
 
 
-def staged_all(stages: Sequence[Stage], write: Callable[[], None], where: str | None = None) -> None:
+def raw_bytes(arrays) -> int:
+    """Uncompressed size of float32 bands plus their overviews (a third more)."""
+    return int(sum(4 * int(a.size) for a in arrays) * 4 // 3)
+
+
+def staged_all(stages: Sequence[Stage], write: Callable[[], None], where: str | None = None,
+               need_bytes: int = 0) -> None:
     """Run ``write`` (which fills every ``stage.tmp``), then commit all; on failure discard every
-    staged file and turn I/O errors into :class:`OutputError`."""
+    staged file and turn I/O errors into :class:`OutputError` (``need_bytes``: see
+    :func:`write_error`)."""
     try:
         write()
         for s in stages:
             s.commit()
     except BaseException as exc:
+        err = None
+        if not isinstance(exc, OutputError) and stages:
+            err = write_error(exc, where or str(stages[0].dst), stages[0].dst.parent, need_bytes)
         for s in stages:
             s.discard()
-        err = None if isinstance(exc, OutputError) else write_error(
-            exc, where or ", ".join(str(s.dst) for s in stages))
         if err is not None:
             raise err from exc
         raise

@@ -18,7 +18,7 @@ from . import preview as _preview
 from .cog import cog_profile, write_cog_any
 from .results import MapResult, check_format, check_result, full_tags
 from .stac import item_json, make_item, stac_path
-from .staging import Stage, exists_error, is_local, local_path, staged_all
+from .staging import Stage, exists_error, is_local, local_path, raw_bytes, staged_all
 from .zarr import to_dataset, to_zarr, write_zarr_remote
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", p
                 fs.pipe_file(fsspec_path(url), item().encode("utf-8"))
                 outputs["stac"] = url
 
-    staged_all(stages, write)
+    staged_all(stages, write, need_bytes=raw_bytes(arrays))
     if map_stage is not None:
         outputs["map"] = map_stage.dst
     if stac_stage is not None:

@@ -17,8 +17,8 @@ from pyproj import CRS
 
 from ..errors import OutputError
 from .results import MapResult, check_result, full_tags, safe_name
-from .staging import FileOps, Stage, exists_error, is_local, local_path, move_aside_and_swap, staged_all, \
-    staged_name, write_error
+from .staging import (FileOps, Stage, exists_error, is_local, local_path, move_aside_and_swap, raw_bytes,
+                      staged_all, staged_name, write_error)
 
 
 def to_dataset(result: MapResult, arrays: list | None = None):
@@ -104,6 +104,6 @@ def write_zarr(result: MapResult, path_or_url: str | os.PathLike, overwrite: boo
     ds = to_dataset(result, arrays)
     if is_local(path_or_url):
         stage = Stage(local_path(path_or_url), overwrite)
-        staged_all([stage], lambda: to_zarr(ds, str(stage.tmp), zarr_format))
+        staged_all([stage], lambda: to_zarr(ds, str(stage.tmp), zarr_format), need_bytes=raw_bytes(arrays))
         return str(stage.dst)
     return write_zarr_remote(ds, os.fspath(path_or_url), overwrite, zarr_format)
