@@ -102,6 +102,21 @@ def _in_range(option: str, value, lo: int, hi: int) -> int | None:
     return v
 
 
+def default_imagery() -> str:
+    """The imagery of a run that names none: the newest Sentinel-2 cloudless preset."""
+    from .imagery.presets import EOX_YEARS
+
+    return f"s2cloudless-{max(EOX_YEARS)}"
+
+
+def imagery_sat_type(imagery: str | None) -> str:
+    """The sat type a preset is meant for (the default imagery's for None); ``sentinel`` else."""
+    from .imagery.presets import PRESETS
+
+    p = PRESETS.get(str(imagery or default_imagery()))
+    return p.sat_type if p is not None else "sentinel"
+
+
 # --------------------------------------------------------------------------- the run
 @dataclass
 class MapConfig:

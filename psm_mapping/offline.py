@@ -25,11 +25,32 @@ def set_offline() -> None:
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds."""
+    """Whether ``url``'s host resolves and accepts a TCP connection within ``timeout`` seconds
+    in all (name resolution runs in a thread: ``getaddrinfo`` itself has no timeout)."""
+    import threading
+    import time
+
     u = urlparse(url if "://" in url else f"https://{url}")
     port = u.port or (443 if u.scheme == "https" else 80)
+    found: list = []
+    t0 = time.monotonic()
+
+    def resolve() -> None:
+        try:
+            found.extend(socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM))
+        except OSError:
+            pass
+
+    th = threading.Thread(target=resolve, daemon=True)
+    th.start()
+    th.join(timeout)
+    if not found:
+        return False
+    family, kind, proto, _, addr = found[0]
     try:
-        with socket.create_connection((u.hostname, port), timeout=timeout):
-            return True
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(max(0.1, timeout - (time.monotonic() - t0)))
+            s.connect(addr)
+        return True
     except OSError:
         return False

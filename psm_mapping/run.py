@@ -18,14 +18,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .config import MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month  # noqa: F401  (MapConfig: public here too)
+from .checks import (_check_overlap, _check_output, _check_store_root, _store_url,  # noqa: F401
+                     _warn_imagery_mismatch, default_store_dir)
+from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default_imagery,  # noqa: F401
+                     imagery_sat_type)
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
-from .errors import ImageryError, InputError, OutputError, StoreError
+from .errors import InputError, StoreError
 from .grid import OutputGrid, make_grid
 from .offline import set_offline
 from .model.checkpoint import file_sha256
-from .outputs import (build_map_result, default_preview_dir, describe_outputs, stac_path,
-                      write_outputs)
+from .outputs import build_map_result, describe_outputs, write_outputs
 from .query import build_queries, query_store
 from .store import EmbeddingStore, StoreSpec
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
@@ -77,53 +79,10 @@ class MapRun:
         return "\n".join(lines)
 
 
-def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
-    """Refuse early (before any long work) what the writers would refuse at the end."""
-    if "://" in str(out):
-        return
-    p = Path(out)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK) or not _can_create_in(parent):
-        raise OutputError(f"output folder {parent} is not writable: choose another --out", option="out")
-    if p.exists() and not overwrite:
-        raise OutputError(f"{p} exists: pass --overwrite to replace it, or choose another --out")
-    if not overwrite and stac_path(p).exists():
-        raise OutputError(f"STAC item {stac_path(p)} exists: pass --overwrite to replace it, or choose "
-                          "another --out", option="out")
-    if previews and not overwrite:
-        pd = default_preview_dir(p)
-        if pd.exists():
-            raise OutputError(f"preview folder {pd} exists: pass --overwrite to replace it, "
-                              "--no-previews, or choose another --out")
-
-
-def default_store_dir(out: str) -> str:
-    if "://" in str(out):
-        return str(out).rstrip("/") + ".psm-store"
-    return str(Path(out).parent / "psm-store")
-
-
 def compute_dtype(dtype: str, device) -> str:
     if dtype == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     return dtype
-
-
-def default_imagery() -> str:
-    """The imagery of a run that names none: the newest Sentinel-2 cloudless preset."""
-    from .imagery.presets import EOX_YEARS
-
-    return f"s2cloudless-{max(EOX_YEARS)}"
-
-
-def imagery_sat_type(imagery: str | None) -> str:
-    """The sat type a preset is meant for; ``sentinel`` for anything else."""
-    from .imagery.presets import PRESETS
-
-    p = PRESETS.get(str(imagery or ""))
-    return p.sat_type if p is not None else "sentinel"
 
 
 def load_model(cfg: MapConfig):
@@ -329,70 +288,6 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
         {"read": timings.read_s, "model": timings.model_s, "store_write": timings.write_s},
         pixels=grid.pixel_count, chips=timings.chips, blocks_total=total, blocks_computed=computed,
         image_model_calls=embedder.calls, faults=faults)
-
-
-def _check_store_root(root: str | None) -> None:
-    """A local --store must be a folder (or not exist yet)."""
-    if root and "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
-        raise StoreError(f"--store {root} is a file, not a folder: pass a folder for the embedding "
-                         "stores (it is created if missing)")
-
-
-def _can_create_in(folder: Path) -> bool:
-    """Whether a file can be created in ``folder`` (``os.access`` says yes for root anywhere,
-    also under /proc)."""
-    import uuid
-
-    probe = folder / f".psm-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        probe.touch()
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
-def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
-    root = cfg.store or default_store_dir(cfg.out)
-    if "://" not in root:
-        _check_store_root(root)
-        try:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the store folder {root} ({exc.strerror or exc}): pass a writable "
-                             "--store", option="store") from None
-        return str(Path(root) / f"{spec.key()}.zarr")
-    return root.rstrip("/") + f"/{spec.key()}.zarr"
-
-
-def _warn_imagery_mismatch(source, sat_type: str, zoom_levels) -> None:
-    """Warn when the imagery is not what the checkpoint was trained on (the map still runs)."""
-    from .constants import chip_resolution_m
-
-    hint = source.info.extra.get("sat_type")
-    if hint and hint != sat_type:
-        log.warning("imagery %s is meant for %s checkpoints but this checkpoint is %s: the map is "
-                    "outside the training distribution", source.info.name, hint, sat_type)
-    native = source.info.native_resolution
-    finest = chip_resolution_m(sat_type, min(int(z) for z in zoom_levels))
-    if native and native > 3 * finest:
-        log.warning("imagery %s has %.3g m pixels but zoom-%d chips ask for %.3g m: chips will be "
-                    "blurry upsamplings; use finer imagery or higher zoom levels", source.info.name,
-                    native, min(int(z) for z in zoom_levels), finest)
-
-
-def _check_overlap(source, region) -> None:
-    fp = source.footprint_lonlat()
-    if fp is None:
-        return
-    from shapely.geometry import box
-
-    w, s, e, n = fp
-    geom = region.unwrapped() if hasattr(region, "unwrapped") else region.geometry
-    if not geom.intersects(box(w, s, e, n)) and not region.geometry.intersects(box(w, s, e, n)):
-        raise ImageryError(f"the region does not overlap the imagery ({source.info.name} covers lon "
-                           f"{w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}): check the region or choose "
-                           "another --imagery")
 
 
 def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:

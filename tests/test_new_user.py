@@ -171,4 +171,4 @@ def test_previews_of_a_small_map_take_well_under_a_second(tmp_path):
     files = write_previews(res, tmp_path / "p")
     took = time.perf_counter() - t0
     assert len([f for f in files if f.suffix == ".png"]) == 24
-    assert took < 0.5, took
+    assert took < 1.0, took  # "well under a second in all" (about 0.15 s on a quiet 2-core CPU)

@@ -160,6 +160,7 @@ def cmd_map(argv: list[str]) -> int:
         from ..offline import set_offline
 
         set_offline()
+    _find_checkpoint_first(cfg)
     if a.workers or a.scheduler:
         from ..distributed import map_region_distributed
 
@@ -170,6 +171,20 @@ def cmd_map(argv: list[str]) -> int:
         run = map_region(cfg, log_fn=say)
     say(run.summary())
     return 0
+
+
+def _find_checkpoint_first(cfg) -> None:
+    """With no checkpoint named, find (or download) the official one before the model stack is
+    imported, so that offline or without a network the one-line answer comes at once."""
+    import os
+
+    if cfg.checkpoint or os.environ.get("PSM_CHECKPOINT"):
+        return
+    from ..config import imagery_sat_type
+    from ..weights import resolve_checkpoint
+
+    cfg.validate()
+    cfg.checkpoint = str(resolve_checkpoint(None, sat_type=imagery_sat_type(cfg.imagery), quiet=not cfg.progress))
 
 
 def cmd_query(argv: list[str]) -> int:
