@@ -27,8 +27,10 @@ def inp(tmp_path_factory, tiny_ckpt, tokenizer_dir):
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """An empty checkpoint cache and Hugging Face home, nothing set."""
-    for k in ("PSM_CHECKPOINT", "PSM_WEIGHTS_URL", "PSM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for k in ("PSM_CHECKPOINT", "PSM_WEIGHTS_URL"):
         monkeypatch.delenv(k, raising=False)
+    for k in ("PSM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "0")  # recorded, so what --offline sets is undone after the test
     monkeypatch.setenv("PSM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     return tmp_path
