@@ -10,27 +10,24 @@
   dtype), the imagery source and store handle likewise; tasks carry only small descriptions.
 * Tasks are retried on errors (``retries``); dask reschedules the tasks of a lost worker.
 * Query maps are dask arrays computed block by block from the store; the COG is written by
-  odc-geo's dask writer, so no process holds the whole raster.
+  odc-geo's dask writer (:mod:`psm_mapping.outputs.cog`), so no process holds the whole raster.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import html
 import json
 import logging
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
-from .errors import CheckpointError, InputError, OutputError
+from .cluster import TorchThreads, connect  # noqa: F401  (public here too)
+from .errors import CheckpointError, InputError
 from .grid import Block, OutputGrid
 from .query import QueryMaps, Query, prepare_query, query_block
 from .store import DONE, EmbeddingStore
@@ -38,7 +35,7 @@ from .store import DONE, EmbeddingStore
 log = logging.getLogger(__name__)
 
 __all__ = ["BlockJob", "BlockStats", "TorchThreads", "connect", "embed_block_task", "process_cache_info",
-           "compute_store_distributed", "query_store_dask", "write_outputs_dask",
+           "compute_store_distributed", "query_store_dask",
            "map_region_distributed"]
 
 
@@ -128,9 +125,9 @@ class _ProcessCache:
     def model(self, job: BlockJob):
         """(model, device) for ``job``'s checkpoint on this worker, loaded once per process."""
         device = _worker_device(job.device)
-        from .run import _compute_dtype
+        from .run import compute_dtype
 
-        dtype = _compute_dtype(job.dtype, device)
+        dtype = compute_dtype(job.dtype, device)
         key = (job.checkpoint_sha256, str(device), dtype)
         with self.lock:
             if key not in self.models:
@@ -228,76 +225,6 @@ def embed_block_task(job: BlockJob, grid: OutputGrid, block: Block) -> BlockStat
     stats.seconds = time.perf_counter() - t0
     stats.cpu_s = time.thread_time() - c0
     return stats
-
-
-# --------------------------------------------------------------------------- cluster
-class TorchThreads(WorkerPlugin):
-    """Worker plugin: ``torch.set_num_threads`` so workers do not oversubscribe the cores.
-
-    ``threads`` fixed, or None: the host's cores divided by the worker threads on that host."""
-
-    name = "psm-torch-threads"
-
-    def __init__(self, threads: int | None = None, per_host: dict[str, int] | None = None):
-        self.threads, self.per_host = threads, dict(per_host or {})
-
-    def setup(self, worker) -> None:
-        import torch
-
-        n = self.threads
-        if n is None:
-            host = str(worker.address).split("://")[-1].rsplit(":", 1)[0]
-            busy = self.per_host.get(host, worker.state.nthreads)
-            n = max(1, (os.cpu_count() or 1) // max(1, busy))
-        torch.set_num_threads(int(n))
-
-
-
-def _threads_per_host(client) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for addr, w in client.scheduler_info(n_workers=-1)["workers"].items():
-        host = addr.split("://")[-1].rsplit(":", 1)[0]
-        out[host] = out.get(host, 0) + int(w.get("nthreads", 1))
-    return out
-
-
-@contextlib.contextmanager
-def connect(workers: int | None = None, scheduler: str | None = None, client=None,
-            log_fn: Callable[[str], Any] = print, torch_threads: int | None = None,
-            gpu: bool = False) -> Iterator[Any]:
-    """A ``distributed.Client``: the given one, one for ``scheduler``, or a new ``LocalCluster`` of
-    ``workers`` single-threaded processes (closed on exit). Registers :class:`TorchThreads`."""
-    from distributed import Client, LocalCluster
-
-    given = [x is not None for x in (workers, scheduler, client)]
-    if sum(given) != 1:
-        raise InputError("give one of --workers N, --scheduler ADDRESS or a dask Client")
-    cluster = None
-    own = client is None
-    if client is None and scheduler:
-        try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as exc:
-            raise InputError(f"no dask scheduler answers at {scheduler} ({exc}): start one "
-                             "(`dask scheduler`) or check --scheduler") from None
-    elif client is None:
-        if workers is None or int(workers) < 1:
-            raise InputError(f"--workers {workers} must be a positive number of processes")
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0", resources={"GPU": 1} if gpu else None)
-        client = Client(cluster)
-    try:
-        if torch_threads is None and cluster is not None:
-            torch_threads = max(1, (os.cpu_count() or 1) // int(workers))
-        client.register_plugin(TorchThreads(torch_threads, _threads_per_host(client)))
-        log_fn(f"dask: {len(client.scheduler_info(n_workers=-1)['workers'])} workers; "
-               f"dashboard {client.dashboard_link}")
-        yield client
-    finally:
-        if own:
-            client.close()
-            if cluster is not None:
-                cluster.close()
 
 
 # --------------------------------------------------------------------------- embedding
@@ -415,94 +342,6 @@ def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: n
     return QueryMaps(tuple(spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
 
 
-# --------------------------------------------------------------------------- outputs
-def _cog_metadata_xml(existing: str, result) -> str:
-    """odc-geo's GDAL_METADATA (statistics, descriptions) + provenance tags + per-band tags."""
-    body = existing.strip()
-    body = body[len("<GDALMetadata>"):] if body.startswith("<GDALMetadata>") else ""
-    body = body[:-len("</GDALMetadata>")] if body.endswith("</GDALMetadata>") else body
-    tags = {**result.tags, "OVERVIEW_RESAMPLING": "AVERAGE"}  # as rio-cogeo records it
-    items = [f'<Item name="{html.escape(str(k))}">{html.escape(str(v), quote=False)}</Item>'
-             for k, v in tags.items()]
-    for i, band in enumerate(result.bands):
-        items += [f'<Item name="{html.escape(k)}" sample="{i}">{html.escape(v, quote=False)}</Item>'
-                  for k, v in band.band_tags().items()]
-    return "<GDALMetadata>" + "".join(items) + body + "</GDALMetadata>"
-
-
-def _write_cog_dask(result, arrays: list, path: str, blocksize: int = 512, compress: str = "deflate") -> None:
-    """A COG from dask arrays by odc-geo (tiles compressed on the workers, written in place),
-    then the provenance tags and band tags added to the header's GDAL_METADATA."""
-    import dask.array as da
-    import tifffile
-    from odc.geo.cog import save_cog_with_dask
-    from odc.geo.geobox import GeoBox
-    from odc.geo.xr import wrap_xr
-    from pyproj import CRS
-
-    h, w = arrays[0].shape
-    gbox = GeoBox((h, w), result.transform, CRS.from_user_input(result.crs).to_wkt())
-    stack = da.stack(arrays).rechunk((1, min(h, blocksize), min(w, blocksize)))
-    xx = wrap_xr(stack, gbox, nodata=np.nan, axis=1, dims=("band", "y", "x"))
-    xx = xx.assign_coords(band=[b.description for b in result.bands])
-    save_cog_with_dask(xx, path, compression=compress, predictor=3, blocksize=blocksize,
-                       overview_resampling="average").compute()
-    with tifffile.TiffFile(path, mode="r+") as tf:
-        tag = tf.pages.first.tags.get(42112)
-        xml = _cog_metadata_xml(tag.value if tag is not None else "", result)
-        if tag is None:  # pragma: no cover - odc writes the tag whenever bands have names
-            raise OutputError(f"{path} has no GDAL_METADATA tag to extend: report this as a bug")
-        tag.overwrite(xml)
-
-
-def _coarse(arrays: list, transform, max_px: int):
-    """Block means so that the longer side is at most ``max_px`` (previews): (numpy arrays, transform)."""
-    import dask.array as da
-
-    h, w = arrays[0].shape
-    f = max(1, math.ceil(max(h, w) / max_px))
-    if f == 1:
-        return [np.asarray(a) for a in da.compute(*arrays)], transform
-    out = []
-    for a in arrays:
-        ok = da.isfinite(a)
-        s = da.coarsen(np.sum, da.where(ok, a, 0.0), {0: f, 1: f}, trim_excess=True)
-        n = da.coarsen(np.sum, ok.astype(np.float32), {0: f, 1: f}, trim_excess=True)
-        out.append(da.where(n > 0, s / da.maximum(n, 1), np.nan).astype(np.float32))
-    from affine import Affine
-
-    return [np.asarray(a) for a in da.compute(*out)], transform * Affine.scale(f)
-
-
-def write_outputs_dask(result, out: str, fmt: str = "cog", previews: bool = True, overwrite: bool = False,
-                       progress: bool = False, compress: str = "deflate") -> dict[str, Any]:
-    """:func:`psm_mapping.writers.write_outputs` for bands holding dask arrays: the map is written
-    chunk by chunk on the cluster (COG by odc-geo, Zarr by xarray), previews from block means
-    (at most ``MAX_OVERLAY_PX`` on a side), so no process holds the whole raster.
-
-    A local COG path must be on a file system the workers share with the client."""
-    from .writers import (MAX_OVERLAY_PX, check_format, check_result, full_tags, stage_outputs, to_dataset,
-                          write_preview_dir)
-
-    fmt = check_format(fmt)
-    arrays = check_result(result)
-    result = dataclasses.replace(result, tags=full_tags(result))
-
-    def zarr_ds():
-        h, w = arrays[0].shape
-        return to_dataset(result, [a.rechunk((min(h, 512), min(w, 512))) for a in arrays])
-
-    def previews_from_block_means(tmp) -> list[str]:
-        small, t = _coarse(arrays, result.transform, MAX_OVERLAY_PX)
-        bands = [dataclasses.replace(b, data=a) for b, a in zip(result.bands, small)]
-        return write_preview_dir(dataclasses.replace(result, bands=bands, transform=t), small, tmp, progress)
-
-    return stage_outputs(
-        out, fmt, previews=previews, overwrite=overwrite, preview_dir=None,
-        write_cog=lambda tmp: _write_cog_dask(result, arrays, str(tmp), compress=compress),
-        dataset=zarr_ds, write_preview=previews_from_block_means)
-
-
 # --------------------------------------------------------------------------- the driver
 def map_region_distributed(cfg, workers: int | None = None, scheduler: str | None = None, client=None,
                            log_fn: Callable[[str], Any] = print, *, retries: int = 3,
@@ -511,7 +350,8 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     """:func:`psm_mapping.run.map_region` on dask: ``workers`` (a new LocalCluster), ``scheduler``
     (an existing cluster's address) or ``client`` (a ``distributed.Client``). Returns a ``MapRun``
     whose ``blocks_retried`` counts blocks that ran more than once."""
-    from .run import MapRun, _describe_outputs, build_map_result, check_faults, fault_message, prepare_run
+    from .outputs import build_map_result, write_outputs
+    from .run import MapRun, check_faults, fault_message, prepare_run
 
     if sum(x is not None for x in (workers, scheduler, client)) != 1:
         raise InputError("give one of --workers N, --scheduler ADDRESS or a dask Client")
@@ -522,7 +362,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
     job = BlockJob(store_url=prep.store_url, storage_options=dict(cfg.store_options or {}),
                    checkpoint=str(prep.ckpt.resolve()), checkpoint_sha256=prep.sha,
                    clap_config=cfg.clap_config, device=str(cfg.device), dtype=str(cfg.dtype),
-                   imagery=cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
+                   imagery=prep.cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
                    metadata_options=dict(store.attrs["metadata_options"]),
                    zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(cfg.batch_size),
                    min_valid=float(cfg.min_valid))
@@ -540,20 +380,17 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
         maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
                                 storage_options=cfg.store_options)
         result = build_map_result(maps, store, tags, prep.region, score=cfg.score)
-        outputs = write_outputs_dask(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
-                                     overwrite=cfg.overwrite)
+        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
+                                overwrite=cfg.overwrite)  # dask bands: the dask writers
         t_end = time.perf_counter()
     computed = [s for s in stats if not s.skipped]
     faults = sum(s.faults for s in computed)
     task_s = sum(s.seconds for s in computed)
-    return MapRun(
-        outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
-        chips=sum(s.chips for s in computed), blocks_total=total, blocks_computed=len(computed),
-        image_model_calls=sum(s.model_calls for s in computed), faults=faults,
-        fault_pixels=fault_pixels, blocks_retried=sum(1 for s in stats if s.attempts > 1),
-        seconds={"setup": t_setup - prep.t_start, "read": sum(s.read_s for s in computed),
-                 "model": sum(s.model_s for s in computed),
-                 "store_write": sum(s.write_s for s in computed), "tasks": task_s,
-                 "embed_total": t_embed - t_setup, "query+write": t_end - t_embed,
-                 "total": t_end - prep.t_start},
-    )
+    return MapRun.from_timings(
+        outputs, prep.store_url, prep.t_start,
+        [("setup", t_setup), ("embed_total", t_embed), ("query+write", t_end)],
+        {"read": sum(s.read_s for s in computed), "model": sum(s.model_s for s in computed),
+         "store_write": sum(s.write_s for s in computed), "tasks": task_s},
+        pixels=grid.pixel_count, chips=sum(s.chips for s in computed), blocks_total=total,
+        blocks_computed=len(computed), image_model_calls=sum(s.model_calls for s in computed), faults=faults,
+        fault_pixels=fault_pixels, blocks_retried=sum(1 for s in stats if s.attempts > 1))

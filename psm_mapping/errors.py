@@ -6,9 +6,17 @@ from __future__ import annotations
 
 
 class PSMError(Exception):
-    """Base class of every error psm-mapping raises on purpose."""
+    """Base class of every error psm-mapping raises on purpose.
+
+    ``option`` names the setting at fault (a :class:`~psm_mapping.config.MapConfig` field such as
+    ``"zoom_levels"`` or ``"out"``), so a caller can point at its own spelling of it; the CLI
+    maps it to the ``--flag``."""
 
     exit_code = 2
+
+    def __init__(self, *args, option: str | None = None):
+        super().__init__(*args)
+        self.option = option
 
 
 class InputError(PSMError, ValueError):

@@ -25,10 +25,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS", "DEFAULT_BLOCK_SIZE",
 ]
 
-#: pixels (inside the region) above which make_grid refuses unless max_pixels is raised
-DEFAULT_MAX_PIXELS = 2_000_000
-#: block side in pixels; the store uses the same value for its Zarr chunks
-DEFAULT_BLOCK_SIZE = 64
+from .config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, check_stride, check_zoom_levels  # noqa: E402
 #: rough chips/s of the full-size ViT-B/16 image path, for the time estimate only (CPU: measured
 #: 4.4/s on 2 cores, benchmarks/bench_model.py; GPU: an assumption, not yet measured)
 ROUGH_CHIPS_PER_S = {"gpu": 400.0, "cpu": 4.0}
@@ -234,14 +231,10 @@ def make_grid(region: Region, stride: float | None = None, crs=None,
     """Build the output grid of ``region``; default stride = zoom-1 footprint / 4."""
     if sat_type not in constants.GSD:
         raise InputError(f"unknown sat type {sat_type!r}: use one of {', '.join(constants.GSD)}")
-    zoom_levels = tuple(int(z) for z in zoom_levels)
-    if not zoom_levels or any(z < 1 for z in zoom_levels):
-        raise InputError(f"bad --zoom-level {zoom_levels}: give positive integers, e.g. 1,3,5")
+    zoom_levels = check_zoom_levels(zoom_levels, upper=None)
+    stride = check_stride(stride)
     if stride is None:
         stride = constants.footprint_m(sat_type, 1) / 4.0
-    stride = float(stride)
-    if not math.isfinite(stride) or stride <= 0:
-        raise InputError(f"--stride {stride:g} must be a positive number of metres")
     if crs is None:
         crs_obj = utm_crs_for(*region.centroid_lonlat())
     else:

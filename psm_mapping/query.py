@@ -202,7 +202,7 @@ def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Te
     Z = len(store.spec.zoom_levels)
     if model is not None:
         d = store.read_block(b, ("z_img",))
-        mean, vs, u = _refuse(model, d["z_img"], metadata, *(lonlat or _LonLat(store))(b))
+        mean, vs, u = _fuse_from_z_img(model, d["z_img"], metadata, *(lonlat or _LonLat(store))(b))
     else:
         d = store.read_block(b, ("mean", "var_sum", "uncertainty"))
         mean, vs, u = d["mean"], d["var_sum"], d["uncertainty"]
@@ -228,7 +228,7 @@ class _LonLat:
         return ((np.asarray(lon) + 180.0) % 360.0) - 180.0, np.asarray(lat)
 
 
-def _refuse(model: PSM, z_img: np.ndarray, metadata, lon: np.ndarray, lat: np.ndarray):
+def _fuse_from_z_img(model: PSM, z_img: np.ndarray, metadata, lon: np.ndarray, lat: np.ndarray):
     """Fusion + heads from stored ``z_img`` ``[Z, h, w, D]`` with new metadata."""
     Z, h, w, D = z_img.shape
     z = torch.from_numpy(z_img.astype(np.float32)).reshape(-1, D)

@@ -6,6 +6,7 @@ driver (``distributed.py``) calls the same ``embed_block`` per block.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,58 +18,22 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .constants import DEFAULT_ZOOM_LEVELS
+from .checks import (_check_overlap, _check_output, _check_store_root, _store_url,  # noqa: F401
+                     _warn_imagery_mismatch, default_store_dir)
+from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default_imagery,  # noqa: F401
+                     imagery_sat_type)
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
-from .errors import CheckpointError, ImageryError, InputError, OutputError, StoreError
+from .errors import ImageryError, InputError, StoreError
+from .grid import OutputGrid, make_grid
 from .tiling import ChipReader
-from .grid import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_PIXELS, OutputGrid, make_grid
+from .offline import set_offline
 from .model.checkpoint import file_sha256
-from .query import QueryMaps, build_queries, query_store
+from .outputs import build_map_result, describe_outputs, write_outputs
+from .query import build_queries, query_store
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec
+from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MapConfig:
-    """Everything a map run needs. Paths are strings or Paths; ``imagery`` is a spec for
-    :func:`psm_mapping.imagery.open_source` (path, ``xyz:URL``, ``stac:URL`` or preset)."""
-
-    region: str | None = None
-    imagery: str | None = None
-    queries: Sequence[str] = ()
-    audio: Sequence[str] = ()
-    combine: bool = False
-    bbox: str | Sequence[float] | None = None
-    feature: str | None = None
-    checkpoint: str | None = None
-    clap_config: str | None = None
-    tokenizer: str | None = None
-    zoom_levels: Sequence[int] = DEFAULT_ZOOM_LEVELS
-    stride: float | None = None
-    crs: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    month: int | None = None
-    hour: int | None = None
-    audio_source: str | None = None
-    caption_source: str | None = None
-    fuse: bool = True
-    out: str = "psm-map.tif"
-    format: str = "cog"
-    previews: bool = True
-    score: bool = False
-    store: str | None = None
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 64
-    block_size: int = DEFAULT_BLOCK_SIZE
-    min_valid: float = 0.5
-    progress: bool = True
-    imagery_options: dict = field(default_factory=dict)
-    extra_tags: dict = field(default_factory=dict)
-    #: fsspec storage options for a remote ``store`` URL (e.g. S3 ``key``/``secret``/``client_kwargs``)
-    store_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -78,16 +43,32 @@ class MapRun:
     outputs: dict[str, Any]
     store: str
     pixels: int
-    chips: int
-    blocks_total: int
-    blocks_computed: int
-    image_model_calls: int
-    seconds: dict[str, float]
+    chips: int = 0
+    blocks_total: int = 0
+    blocks_computed: int = 0
+    image_model_calls: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
     faults: int = 0
     #: dask runs only: blocks that ran more than once (worker lost or task error retried)
     blocks_retried: int | None = None
     #: region pixel-zooms that are NaN in the map because an imagery read failed
     fault_pixels: int = 0
+
+    @classmethod
+    def from_timings(cls, outputs: dict, store: str, t_start: float, marks: Sequence[tuple[str, float]],
+                     detail: dict[str, float] | None = None, **counts) -> "MapRun":
+        """A run from ``write_outputs``' answer and clock readings: ``marks`` are (stage, end time)
+        in order, each stage's seconds counted from the previous mark (the first from ``t_start``);
+        ``detail`` (e.g. read / model seconds) is listed after the first stage; ``total`` last."""
+        seconds: dict[str, float] = {}
+        prev = t_start
+        for i, (name, t) in enumerate(marks):
+            seconds[name] = t - prev
+            prev = t
+            if i == 0 and detail:
+                seconds.update(detail)
+        seconds["total"] = prev - t_start
+        return cls(outputs=describe_outputs(outputs), store=store, seconds=seconds, **counts)
 
     def summary(self) -> str:
         s = self.seconds
@@ -109,77 +90,7 @@ def fault_message(fault_pixels: int) -> str:
             "server errors after retries): rerun the same command to retry exactly those")
 
 
-def resolve_checkpoint(path: str | None) -> Path:
-    """``--checkpoint`` (a path, or an official experiment name found in the cache), else
-    ``$PSM_CHECKPOINT``, else the single file in the cache folder."""
-    from .weights import EXPERIMENTS, cache_dir
-
-    path = path or os.environ.get("PSM_CHECKPOINT")
-    if path:
-        p = Path(path).expanduser()
-        if not p.exists() and str(path) in EXPERIMENTS:
-            cached = cache_dir() / f"{path}.ckpt"
-            if not cached.is_file():
-                raise CheckpointError(f"checkpoint {path} is not in the cache {cache_dir()}: run "
-                                      f"`psm-map weights download {path}` (needs a network) or pass "
-                                      "--checkpoint PATH")
-            return cached
-        return p
-
-    found = sorted(cache_dir().glob("*.ckpt")) + sorted(cache_dir().glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    raise CheckpointError("no checkpoint given: pass --checkpoint PATH, set PSM_CHECKPOINT, or "
-                          "`psm-map weights download NAME` (list: `psm-map weights`)"
-                          + (f"; the cache {cache_dir()} holds {len(found)} files, pick one" if found else ""))
-
-
-def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
-    """Refuse early (before any long work) what the writers would refuse at the end."""
-    if "://" in str(out):
-        return
-    p = Path(out)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"output folder {parent} does not exist: create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable: choose another --out")
-    if p.exists() and not overwrite:
-        raise OutputError(f"{p} exists: pass --overwrite to replace it, or choose another --out")
-    if previews and not overwrite:
-        from .writers import default_preview_dir
-
-        pd = default_preview_dir(p)
-        if pd.exists():
-            raise OutputError(f"preview folder {pd} exists: pass --overwrite to replace it, "
-                              "--no-previews, or choose another --out")
-
-
-#: the largest zoom level a map accepts (chip = zoom x base tile; trained on 1, 3, 5)
-MAX_ZOOM_LEVEL = 5
-#: the file name endings each output format writes
-FORMAT_SUFFIXES = {"cog": (".tif", ".tiff"), "zarr": (".zarr",)}
-
-
-def _check_format(out: str, fmt: str) -> None:
-    """The --out name must end as the format writes it (a COG named .png or .zarr misleads)."""
-    if fmt not in FORMAT_SUFFIXES:
-        raise InputError(f"--format {fmt!r} is not supported: use cog or zarr")
-    name = str(out).rstrip("/").lower()
-    if not name.endswith(FORMAT_SUFFIXES[fmt]):
-        hint = " or pass --format zarr" if name.endswith(".zarr") else (
-            " or pass --format cog" if name.endswith((".tif", ".tiff")) else "")
-        raise OutputError(f"--out {out} does not match --format {fmt}: name it *"
-                          f"{FORMAT_SUFFIXES[fmt][0]} for a {fmt.upper() if fmt == 'cog' else 'Zarr'} output{hint}")
-
-
-def default_store_dir(out: str) -> str:
-    if "://" in str(out):
-        return str(out).rstrip("/") + ".psm-store"
-    return str(Path(out).parent / "psm-store")
-
-
-def _compute_dtype(dtype: str, device) -> str:
+def compute_dtype(dtype: str, device) -> str:
     if dtype == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     return dtype
@@ -189,9 +100,9 @@ def load_model(cfg: MapConfig):
     from .model import PSM
 
     device = resolve_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    ckpt = resolve_checkpoint(cfg.checkpoint, sat_type=imagery_sat_type(cfg.imagery), quiet=not cfg.progress)
     model = PSM.from_checkpoint(ckpt, clap_config=cfg.clap_config, device=device,
-                                dtype=_compute_dtype(cfg.dtype, device))
+                                dtype=compute_dtype(cfg.dtype, device))
     return model, ckpt, device
 
 
@@ -321,16 +232,6 @@ def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: Ima
     return fill
 
 
-def _describe_outputs(outputs: dict) -> dict[str, str]:
-    out = {}
-    for k, v in outputs.items():
-        if isinstance(v, (list, tuple)):
-            out[k] = f"{len(v)} files in {Path(v[0]).parent}" if v else "none"
-        else:
-            out[k] = str(v)
-    return out
-
-
 def _timed(fn, *a):
     t0 = time.perf_counter()
     out = fn(*a)
@@ -365,15 +266,20 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     from .region import load_region
 
     t_start = time.perf_counter()
-    _check_format(cfg.out, cfg.format)
+    cfg.validate()
+    if cfg.offline:
+        set_offline()
     if not cfg.imagery:
-        raise InputError("no imagery given: pass --imagery PATH|xyz:URL|stac:URL|PRESET "
-                         "(`psm-map --imagery` lists the presets)")
+        from .imagery.presets import get_preset
+
+        cfg.imagery = default_imagery()
+        p = get_preset(cfg.imagery)
+        log_fn(f"imagery: {p.name} (the default: {p.description}); licence {p.license}; "
+               f"attribution: {p.attribution}")
     if not cfg.queries and not cfg.audio:
         raise InputError("no query given: pass --query TEXT and/or --audio FILE")
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
     _check_store_root(cfg.store)
-    _check_numbers(cfg)
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
     region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
     # model, tokenizer and query files next: their errors come before any long work
@@ -398,11 +304,36 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
         store = EmbeddingStore.open_or_create(store_url, spec, attrs={
             "provenance": tags, "metadata_options": md.as_dict(), "region_name": grid.region_name,
             "checkpoint_path": str(Path(ckpt).resolve())}, storage_options=cfg.store_options or None)
+        record_text_setup(store, cfg, model)
     except BaseException:
         source.close()
         raise
     return PreparedRun(cfg, md, model, Path(ckpt), device, sha, queries, region, grid, source, spec,
                        store_url, store, tags, t_start)
+
+
+def record_text_setup(store: EmbeddingStore, cfg: MapConfig, model) -> None:
+    """Record in the store the tokenizer and CLAP config this run used, so that ``psm-map query``
+    and the explorer reuse them without being told (a run that names them updates the record)."""
+    rec = {}
+    if cfg.tokenizer or "tokenizer" not in store.attrs:
+        rec["tokenizer"] = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "roberta-base"
+    if cfg.clap_config or "clap_config" not in store.attrs:
+        rec["clap_config"] = model.clap_config.to_dict()
+    if rec:
+        try:
+            store.group.attrs.update(json.loads(json.dumps(rec, default=str)))
+        except (OSError, PermissionError) as exc:  # a read-only store still maps
+            log.warning("could not record the tokenizer in the store (%s)", exc)
+
+
+def reuse_text_setup(store: EmbeddingStore, cfg: MapConfig) -> None:
+    """Fill ``cfg.tokenizer`` / ``cfg.clap_config`` from what the store's run used, if not given."""
+    tok = store.attrs.get("tokenizer")
+    if not cfg.tokenizer and tok and tok != "roberta-base" and Path(tok).is_dir():
+        cfg.tokenizer = tok
+    if not cfg.clap_config and store.attrs.get("clap_config"):
+        cfg.clap_config = store.attrs["clap_config"]
 
 
 def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
@@ -436,19 +367,16 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     if fault_pixels:
         tags["imagery_faults"] = fault_message(fault_pixels)
     result = build_map_result(maps, grid, tags, prep.region, score=cfg.score)
-    from .writers import write_outputs
-
     outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
                             progress=cfg.progress)
     t_end = time.perf_counter()
-    return MapRun(
-        outputs=_describe_outputs(outputs), store=prep.store_url, pixels=grid.pixel_count,
-        chips=timings.chips, blocks_total=fill.blocks_total, blocks_computed=fill.blocks_computed,
-        image_model_calls=embedder.calls, faults=fill.faults, fault_pixels=fault_pixels,
-        seconds={"setup": t_setup - prep.t_start, "read": timings.read_s, "model": timings.model_s,
-                 "store_write": timings.write_s, "embed_total": t_embed - t_setup,
-                 "query": t_query - t_embed, "write": t_end - t_query, "total": t_end - prep.t_start},
-    )
+    return MapRun.from_timings(
+        outputs, prep.store_url, prep.t_start,
+        [("setup", t_setup), ("embed_total", t_embed), ("query", t_query), ("write", t_end)],
+        {"read": timings.read_s, "model": timings.model_s, "store_write": timings.write_s},
+        pixels=grid.pixel_count, chips=timings.chips, blocks_total=fill.blocks_total,
+        blocks_computed=fill.blocks_computed, image_model_calls=embedder.calls, faults=fill.faults,
+        fault_pixels=fault_pixels)
 
 
 #: above this fraction of the region's pixel-zooms masked for read faults, a run fails
@@ -470,139 +398,19 @@ def check_faults(store: EmbeddingStore, grid: OutputGrid, source=None) -> int:
     return n
 
 
-def _check_numbers(cfg: MapConfig) -> None:
-    """Cheap range checks, before the model loads."""
-    import math
-
-    if cfg.stride is not None:
-        try:
-            stride = float(cfg.stride)
-        except (TypeError, ValueError):
-            raise InputError(f"--stride {cfg.stride!r} is not a number: give metres, e.g. --stride 40") from None
-        if not math.isfinite(stride) or stride <= 0:
-            raise InputError(f"--stride {cfg.stride:g} must be positive: give the pixel size in metres, e.g. --stride 40")
-    if not cfg.zoom_levels or any(int(z) < 1 for z in cfg.zoom_levels):
-        raise InputError(f"bad --zoom-level {tuple(cfg.zoom_levels)}: give positive integers, e.g. 1,3,5")
-    if any(int(z) > MAX_ZOOM_LEVEL for z in cfg.zoom_levels):
-        raise InputError(f"--zoom-level {tuple(cfg.zoom_levels)} is outside the trained range: PSM zoom levels "
-                         f"are chip-size multipliers 1..{MAX_ZOOM_LEVEL} (trained on 1,3,5), not web-map "
-                         "zooms: give e.g. 1,3,5")
-    for name, v in (("--batch-size", cfg.batch_size), ("--block-size", cfg.block_size),
-                    ("--max-pixels", cfg.max_pixels)):
-        if int(v) < 1:
-            raise InputError(f"{name} {v} must be at least 1: give a positive whole number")
-    if not 0.0 <= float(cfg.min_valid) <= 1.0:
-        raise InputError(f"--min-valid {cfg.min_valid} must be in [0, 1]: give the minimum valid fraction of a chip, e.g. 0.5")
-
-
-def _check_store_root(root: str | None) -> None:
-    """A local --store must be a folder (or not exist yet)."""
-    if root and "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
-        raise StoreError(f"--store {root} is a file, not a folder: pass a folder for the embedding "
-                         "stores (it is created if missing)")
-
-
-def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
-    root = cfg.store or default_store_dir(cfg.out)
-    if "://" not in root:
-        _check_store_root(root)
-        try:
-            Path(root).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the store folder {root} ({exc.strerror or exc}): pass "
-                             "--store in a folder you can write") from None
-        return str(Path(root) / f"{spec.key()}.zarr")
-    return root.rstrip("/") + f"/{spec.key()}.zarr"
-
-
-def _warn_imagery_mismatch(source, sat_type: str, zoom_levels) -> None:
-    """Warn when the imagery is not what the checkpoint was trained on (the map still runs)."""
-    from .constants import chip_resolution_m
-
-    hint = source.info.extra.get("sat_type")
-    if hint and hint != sat_type:
-        log.warning("imagery %s is meant for %s checkpoints but this checkpoint is %s: the map is "
-                    "outside the training distribution", source.info.name, hint, sat_type)
-    native = source.info.native_resolution
-    finest = chip_resolution_m(sat_type, min(int(z) for z in zoom_levels))
-    if native and native > 3 * finest:
-        log.warning("imagery %s has %.3g m pixels but zoom-%d chips ask for %.3g m: chips will be "
-                    "blurry upsamplings; use finer imagery or higher zoom levels", source.info.name,
-                    native, min(int(z) for z in zoom_levels), finest)
-
-
-def _check_overlap(source, region) -> None:
-    fp = source.footprint_lonlat()
-    if fp is None:
-        return
-    from shapely.geometry import box
-
-    w, s, e, n = fp
-    geom = region.unwrapped() if hasattr(region, "unwrapped") else region.geometry
-    if not geom.intersects(box(w, s, e, n)) and not region.geometry.intersects(box(w, s, e, n)):
-        raise ImageryError(f"the region does not overlap the imagery ({source.info.name} covers lon "
-                           f"{w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}): check the region or choose "
-                           "another --imagery")
-
-
-def build_map_result(maps: QueryMaps, grid_or_store, tags: dict, region=None, score: bool = False):
-    """Bands per (query, zoom) plus uncertainty per zoom, NaN outside the region."""
-    from affine import Affine
-    from pyproj import CRS
-
-    from .writers import MapBand, MapResult
-
-    if isinstance(grid_or_store, OutputGrid):
-        crs, transform, mask = grid_or_store.crs, grid_or_store.transform, grid_or_store.mask
-    else:
-        spec = grid_or_store.spec
-        crs, transform = CRS.from_wkt(spec.crs_wkt), Affine(*spec.transform)
-        mask = None
-    bands = []
-    probabilistic = any(q.embedding.logvar is not None for q in maps.queries)
-    for qi, q in enumerate(maps.queries):
-        sc = maps.score(qi) if score else None
-        for k, z in enumerate(maps.zoom_levels):
-            data = _masked(maps.similarity[qi][k], mask)
-            what = "similarity (negative csd)" if probabilistic else "similarity (cosine)"
-            bands.append(MapBand(f"similarity:{q.label}:z{z}", data,
-                                 f"{what} to {q.kind} query '{q.label}' at zoom {z}", "similarity", q.label, z))
-            if sc is not None:
-                bands.append(MapBand(f"score:{q.label}:z{z}", _masked(sc[k], mask),
-                                     f"0-1 score for '{q.label}' at zoom {z}", "score", q.label, z))
-    if probabilistic:
-        for k, z in enumerate(maps.zoom_levels):
-            bands.append(MapBand(f"uncertainty:z{z}", _masked(maps.uncertainty[k], mask),
-                                 f"image embedding uncertainty (std norm) at zoom {z}", "uncertainty", None, z))
-    t = dict(tags)
-    t["queries"] = " | ".join(f"{q.kind}:{q.label}" for q in maps.queries)
-    geojson = None
-    if region is not None:
-        from shapely.geometry import mapping
-
-        geojson = mapping(region.geometry)
-    return MapResult(bands, crs, transform, t, geojson)
-
-
-def _masked(a: np.ndarray, mask) -> np.ndarray:
-    if hasattr(a, "dask") and mask is None:  # a lazy dask array (distributed runs) stays lazy
-        return a.astype(np.float32)
-    a = np.asarray(a, dtype=np.float32)
-    return a if mask is None else np.where(mask, a, np.nan).astype(np.float32)
-
-
 def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     """Maps from an existing store: no imagery and no image inference, only the query pass."""
-    from .errors import StoreError
-    from .writers import write_outputs
-
     t0 = time.perf_counter()
-    _check_format(cfg.out, cfg.format)
+    cfg.check_output_name()
+    cfg.month, cfg.hour = check_month(cfg.month), check_hour(cfg.hour)
+    if cfg.offline:
+        set_offline()
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
     prov = dict(store.attrs.get("provenance", {}))
     if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
         cfg.checkpoint = store.attrs.get("checkpoint_path")
+    reuse_text_setup(store, cfg)
     model, ckpt, _ = load_model(cfg)
     sha = file_sha256(ckpt)
     if sha != store.spec.checkpoint_sha256:
@@ -622,6 +430,6 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
                             progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
-    return MapRun(_describe_outputs(outputs), store_url, int(np.isfinite(maps.similarity[0][0]).sum()),
-                  0, int(done.sum()), 0, 0, {"setup": t1 - t0, "query": t2 - t1, "total": t2 - t0},
-                  fault_pixels=fault_pixels)
+    return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
+                               pixels=int(np.isfinite(maps.similarity[0][0]).sum()), blocks_total=int(done.sum()),
+                               fault_pixels=fault_pixels)

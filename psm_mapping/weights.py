@@ -1,7 +1,12 @@
-"""The 12 official PSM experiments: list, download (from the authors' Google Drive folder), verify.
+"""The 12 official PSM experiments: list, find, download, verify, load.
 
-Downloads need a network and ``gdown`` (``pip install psm-mapping[download]``); everything else
-works offline. Files land in the cache folder (``$PSM_CACHE`` or ``~/.cache/psm-mapping``).
+Downloads come from the authors' Google Drive folder (needs ``gdown``: ``pip install
+psm-mapping[download]``) or, when ``$PSM_WEIGHTS_URL`` is set, from that HTTP mirror of the folder
+(``<url>/<wandb id>/<file name>``, e.g. an institute's copy). Files land in the cache folder
+(``$PSM_CACHE`` or ``~/.cache/psm-mapping``) under ``checkpoints/NAME.ckpt``, are checked against
+the key contract (:func:`verify`) before they get that name, and a map run with no checkpoint
+fetches the official one for its imagery's sat type on first use. Offline
+(:mod:`psm_mapping.offline`) a missing checkpoint is one line naming what to pass.
 """
 from __future__ import annotations
 
@@ -13,6 +18,11 @@ from pathlib import Path
 from .errors import CheckpointError, InputError
 
 DRIVE_FOLDER_ID = "1RaMykYcGeZTJ0W3nLuVVDv95azojt1T4"
+DRIVE_URL = f"https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}"
+#: the checkpoint a map run uses when none is given, per sat type of the imagery
+DEFAULT_EXPERIMENT = {"sentinel": "GeoSound_pcmepp_metadata_sentinel",
+                      "bingmap": "GeoSound_pcmepp_metadata_bingmap",
+                      "googleEarth": "SoundingEarth_pcmepp_metadata_googleEarth"}
 
 
 @dataclass(frozen=True)
@@ -71,37 +81,129 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-def download(name: str, dest_dir: Path | None = None, quiet: bool = False) -> Path:
-    """Fetch one experiment's checkpoint (only that file) into the cache; resumable."""
+def download(name: str, dest_dir: Path | None = None, quiet: bool = False, url: str | None = None) -> Path:
+    """Fetch one experiment's checkpoint (only that file) into the cache, verify it, and give it
+    its final name; resumable. ``url`` (default ``$PSM_WEIGHTS_URL``): an HTTP mirror of the
+    authors' folder instead of Google Drive."""
+    from .offline import is_offline
+
     e = get_experiment(name)
+    dest_dir = Path(dest_dir or cache_dir())
+    out = dest_dir / f"{e.name}.ckpt"
+    if out.is_file():
+        return out
+    base = url or os.environ.get("PSM_WEIGHTS_URL")
+    if is_offline():
+        raise CheckpointError(f"checkpoint {e.name} is not in the cache {dest_dir} and offline mode is on: "
+                              f"pass --checkpoint PATH, or run `psm-map weights download {e.name}` once online",
+                              option="checkpoint")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the checkpoint cache {dest_dir} ({exc.strerror}): set PSM_CACHE "
+                              "to a writable folder") from None
+    part = out.with_name(out.name + ".part")
+    if base:
+        _download_http(f"{base.rstrip('/')}/{e.drive_path}", part, e.name, quiet)
+    else:
+        _download_drive(e, part, quiet)
+    try:
+        verify(part, expected=e)
+    except CheckpointError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, out)
+    return out
+
+
+def _download_http(url: str, part: Path, name: str, quiet: bool) -> None:
+    """GET ``url`` into ``part`` with a progress bar, resuming a partial file (HTTP Range)."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    from .offline import reachable
+
+    if not reachable(url):
+        raise CheckpointError(f"cannot reach {url.split('/')[2]} for {name} (no network?): pass --checkpoint "
+                              "PATH, or download it with `psm-map weights download` once online",
+                              option="checkpoint")
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
+            if r.status_code == 416:  # already complete
+                return
+            if r.status_code not in (200, 206):
+                raise CheckpointError(f"download of {name} from {url} failed (HTTP {r.status_code}): check "
+                                      "PSM_WEIGHTS_URL or pass --checkpoint PATH", option="checkpoint")
+            if r.status_code == 200:
+                have = 0
+            total = int(r.headers.get("Content-Length", 0)) + have or None
+            with open(part, "ab" if have else "wb") as fh, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"downloading {name}", disable=quiet) as bar:
+                for chunk in r.iter_bytes(1 << 20):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+    except httpx.HTTPError as exc:
+        raise CheckpointError(f"download of {name} from {url} failed ({type(exc).__name__}): rerun to "
+                              "resume, or pass --checkpoint PATH", option="checkpoint") from None
+
+
+def _download_drive(e: Experiment, part: Path, quiet: bool) -> None:
     try:
         import gdown
     except ImportError:
         raise InputError("downloading needs gdown: `pip install 'psm-mapping[download]'`") from None
-    dest_dir = Path(dest_dir or cache_dir())
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    out = dest_dir / f"{e.name}.ckpt"
-    if out.is_file():
-        return out
+    from .offline import reachable
+
+    if getattr(gdown, "__file__", None) and not reachable("https://drive.google.com"):
+        raise CheckpointError(f"cannot reach Google Drive for {e.name} (no network?): pass --checkpoint PATH, "
+                              f"or download {e.drive_path} from {DRIVE_URL} once online", option="checkpoint")
     try:
         listing = gdown.download_folder(id=DRIVE_FOLDER_ID, skip_download=True, quiet=True)
     except Exception as exc:
         raise CheckpointError(f"cannot list the authors' Google Drive folder ({type(exc).__name__}): "
-                              "check the network, or download "
-                              f"{e.drive_path} by hand from https://drive.google.com/drive/folders/"
-                              f"{DRIVE_FOLDER_ID} and pass --checkpoint") from None
+                              f"check the network, or download {e.drive_path} by hand from {DRIVE_URL} "
+                              "and pass --checkpoint") from None
     match = [f for f in listing or [] if str(getattr(f, "path", "")).replace("\\", "/").endswith(e.drive_path)]
     if not match:
         raise CheckpointError(f"{e.drive_path} is not in the Drive folder listing: download it by hand "
-                              f"from https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}")
-    part = out.with_name(out.name + ".part")
+                              f"from {DRIVE_URL}")
     try:
         gdown.download(id=match[0].id, output=str(part), quiet=quiet, resume=True)
     except Exception as exc:
         raise CheckpointError(f"download of {e.name} failed ({type(exc).__name__}): rerun to resume") from None
-    verify(part, expected=e)
-    os.replace(part, out)
-    return out
+
+
+def resolve_checkpoint(path: str | None, sat_type: str = "sentinel", download_missing: bool = True,
+                       quiet: bool = False) -> Path:
+    """A checkpoint path (or an official experiment name, found in the cache), else
+    ``$PSM_CHECKPOINT``, else the single file in the cache folder, else the official checkpoint
+    for ``sat_type`` (:data:`DEFAULT_EXPERIMENT`), downloaded into the cache on first use."""
+    path = path or os.environ.get("PSM_CHECKPOINT")
+    if path:
+        p = Path(path).expanduser()
+        if not p.exists() and str(path) in EXPERIMENTS:
+            cached = cache_dir() / f"{path}.ckpt"
+            if not cached.is_file():
+                raise CheckpointError(f"checkpoint {path} is not in the cache {cache_dir()}: run "
+                                      f"`psm-map weights download {path}` (needs a network) or pass "
+                                      "--checkpoint PATH", option="checkpoint")
+            return cached
+        return p
+    found = sorted(cache_dir().glob("*.ckpt")) + sorted(cache_dir().glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    default = DEFAULT_EXPERIMENT.get(sat_type, DEFAULT_EXPERIMENT["sentinel"])
+    if (cache_dir() / f"{default}.ckpt").is_file():
+        return cache_dir() / f"{default}.ckpt"
+    if found or not download_missing:
+        raise CheckpointError("no checkpoint given: pass --checkpoint PATH, set PSM_CHECKPOINT, or "
+                              "`psm-map weights download NAME` (list: `psm-map weights`)"
+                              + (f"; the cache {cache_dir()} holds {len(found)} files, pick one" if found else ""),
+                              option="checkpoint")
+    return download(default, quiet=quiet)
 
 
 def verify(path: str | os.PathLike, expected: Experiment | None = None, clap_config=None) -> dict:

@@ -41,7 +41,7 @@ def test_demo_offline(tmp_path, monkeypatch, capsys):
     assert ds.rio.crs is not None and ds.rio.crs.is_projected
     assert "UNTRAINED" in str(dict(ds.attrs))
 
-    previews = out / "soundscape_preview"
+    previews = out / "soundscape.tif.preview"
     assert (previews / "index.html").is_file()
     pngs = list(previews.glob("*.png"))
     assert len(pngs) >= len(desc)

@@ -140,7 +140,7 @@ def test_cog_acceptance(inp, first):
     assert np.all(data[0][grid.mask] < 0)
     assert np.all(data[1][grid.mask] > 0)
     # previews and the HTML page next to the map
-    prev = out.parent / "map_preview"
+    prev = out.parent / "map.tif.preview"
     assert (prev / "index.html").is_file() and len(list(prev.glob("*.png"))) >= 2
 
 
@@ -307,7 +307,7 @@ def test_pipeline_presets_and_regions(monkeypatch, tmp_path):
     regions load."""
     from psm_mapping.errors import CheckpointError
     from psm_mapping.imagery.presets import PRESETS
-    from psm_mapping.mapcli import load_preset
+    from psm_mapping.cli.map import load_preset
     from psm_mapping.region import load_region
     from psm_mapping.run import MapConfig, resolve_checkpoint
     from psm_mapping.weights import EXPERIMENTS

@@ -55,7 +55,7 @@ def test_matches_reference(n, similarity, chunk):
 def test_query_equals_gallery_all_near_ties():
     """Degenerate data (every gallery item equal) sends every pair through the float64 path."""
     q, g = make(21, seed=3)
-    g = ProbEmbedding(g.mean[:1].repeat(21, 1), g.raw_mean[:1].repeat(21, 1), g.logvar[:1].repeat(21, 1))
+    g = ProbEmbedding(g.mean[:1].repeat(21, 1), logvar=g.logvar[:1].repeat(21, 1), raw_mean=g.raw_mean[:1].repeat(21, 1))
     m = retrieval_metrics(q, g, chunk_size=4, device="cpu")
     ranks, rec, med = reference(q, g, 10, "csd")
     # equal vectors need not give equal float64 products in a BLAS (column position, kernel):
@@ -130,7 +130,7 @@ def test_errors():
     qd, gd = make(10, prob=False)
     with pytest.raises(InputError, match="csd"):
         retrieval_metrics(qd, gd, similarity="csd")
-    bad = ProbEmbedding(q.mean.clone(), q.raw_mean, q.logvar)
+    bad = ProbEmbedding(q.mean.clone(), q.logvar, raw_mean=q.raw_mean)
     bad.mean[3, 0] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         retrieval_metrics(bad, g)

@@ -269,3 +269,20 @@ def test_bfloat16_autocast_on_cpu_is_close(tiny_ckpt, model, images):
     assert (m16.embed_text(ids).mean - model.embed_text(ids).mean).abs().max() < 2e-2
     with pytest.raises(InputError, match="unknown dtype"):
         PSM.from_checkpoint(tiny_ckpt, clap_config=tiny_clap_config(), dtype="int8")
+
+
+def test_prob_embedding_natural_call_and_shape_checks():
+    import torch
+
+    from psm_mapping import InputError, ProbEmbedding
+
+    mean = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    logvar = torch.randn(3, 8)
+    e = ProbEmbedding(mean, logvar)  # the natural call: second positional field is logvar
+    assert e.logvar is logvar and e.raw_mean is mean and e.probabilistic
+    assert ProbEmbedding(mean).logvar is None
+    for bad in (dict(logvar=torch.randn(3, 7)), dict(raw_mean=torch.randn(2, 8))):
+        with pytest.raises(InputError, match="shape"):
+            ProbEmbedding(mean, **bad)
+    with pytest.raises(InputError):
+        ProbEmbedding(torch.randn(8))

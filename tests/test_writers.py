@@ -14,9 +14,10 @@ import rasterio
 from PIL import Image
 from pyproj import CRS
 
-from psm_mapping import writers
+from psm_mapping import outputs as writers
+from psm_mapping.outputs import preview as preview_mod
 from psm_mapping.errors import InputError, OutputError
-from psm_mapping.writers import MapBand, MapResult
+from psm_mapping.outputs import MapBand, MapResult
 
 UTM = CRS.from_epsg(32633)
 T = affine.Affine(40.0, 0.0, 500_000.0, 0.0, -40.0, 4_650_000.0)
@@ -266,8 +267,10 @@ def test_write_outputs_all(tmp_path, fmt):
     res = make_result()
     out = tmp_path / ("map.tif" if fmt == "cog" else "map.zarr")
     got = writers.write_outputs(res, out, fmt=fmt)
-    assert got["map"] == out and got["html"] == tmp_path / "map_preview" / "index.html"
-    assert listing(tmp_path) == sorted([out.name, "map_preview"])
+    prev = out.name + ".preview"  # each output its own preview folder
+    assert got["map"] == out and got["html"] == tmp_path / prev / "index.html"
+    assert got["stac"] == tmp_path / (out.name + ".stac.json")
+    assert listing(tmp_path) == sorted([out.name, prev, out.name + ".stac.json"])
     assert len(got["previews"]) == 2 * len(res.bands)
     info = writers.read_info(out)
     assert info.format == fmt and (info.width, info.height) == (53, 37)
@@ -319,8 +322,8 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
     assert listing(tmp_path) == ["map.tif", "map.zarr", "prev"]
 
     # write_outputs checks every target before writing any: map.tif is new, preview exists
-    (tmp_path / "new_preview").mkdir()
-    with pytest.raises(OutputError, match="new_preview"):
+    (tmp_path / "new.tif.preview").mkdir()
+    with pytest.raises(OutputError, match="new.tif.preview"):
         writers.write_outputs(res, tmp_path / "new.tif")
     assert not (tmp_path / "new.tif").exists()
 
@@ -333,7 +336,7 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
     import xarray as xr
 
     assert float(xr.open_zarr(zarr_path)["similarity_birds_chirping_z1"][18, 26]) == 7.5
-    assert listing(tmp_path) == ["map.tif", "map.zarr", "new_preview", "prev"]
+    assert listing(tmp_path) == ["map.tif", "map.zarr", "new.tif.preview", "prev"]
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
@@ -368,7 +371,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     # previews fail on the third band: the COG staged before them goes too
     calls = {"n": 0}
-    real_fig = writers._figure_png
+    real_fig = preview_mod._figure_png
 
     def fig_fails_later(*a, **k):
         calls["n"] += 1
@@ -376,7 +379,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("matplotlib broke")
         return real_fig(*a, **k)
 
-    monkeypatch.setattr(writers, "_figure_png", fig_fails_later)
+    monkeypatch.setattr(preview_mod, "_figure_png", fig_fails_later)
     with pytest.raises(RuntimeError, match="matplotlib broke"):
         writers.write_outputs(res, tmp_path / "map.tif", fmt="cog")
     assert calls["n"] == 3
@@ -387,7 +390,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     writers.write_previews(res, tmp_path / "prev")
     old = sorted(os.listdir(tmp_path / "prev"))
     calls["n"] = 0
-    monkeypatch.setattr(writers, "_figure_png", fig_fails_later)
+    monkeypatch.setattr(preview_mod, "_figure_png", fig_fails_later)
     with pytest.raises(RuntimeError):
         writers.write_previews(res, tmp_path / "prev", overwrite=True)
     assert listing(tmp_path) == ["prev"] and sorted(os.listdir(tmp_path / "prev")) == old

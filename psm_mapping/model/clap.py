@@ -128,15 +128,20 @@ def load_tokenizer(path: str | os.PathLike | None = None):
         except Exception as exc:  # transformers raises many kinds
             raise TokenizerError(f"cannot load a tokenizer from {p} ({type(exc).__name__}): the folder "
                                  "needs tokenizer.json or vocab.json + merges.txt of roberta-base") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from ..offline import is_offline, reachable
+
     try:
         return AutoTokenizer.from_pretrained("roberta-base", local_files_only=True)
     except Exception:
-        if offline:
+        if is_offline():
             raise TokenizerError("roberta-base is not in the Hugging Face cache and offline mode is on: "
                                  "pass --tokenizer DIR, or fill the cache once online "
-                                 "(`hf download roberta-base`)") from None
+                                 "(`hf download roberta-base`)", option="tokenizer") from None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not reachable(endpoint):  # at once, not after the hub client's retries
+        raise TokenizerError(f"roberta-base is not in the Hugging Face cache and {endpoint} cannot be reached: "
+                             "pass --tokenizer DIR, or fill the cache once online (`hf download roberta-base`)",
+                             option="tokenizer")
     try:
         return AutoTokenizer.from_pretrained("roberta-base")
     except Exception as exc:

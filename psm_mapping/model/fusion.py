@@ -87,4 +87,11 @@ class MetaFuser(nn.Module):
         meta, valid = self.meta_embed(inputs or {}, B, z)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(z.dtype), z[:, None], meta], dim=1)
         keep = torch.cat([torch.ones(B, 2, dtype=torch.bool, device=z.device), valid], dim=1)
+        if not self.training:
+            # tokens masked in every row change no output (their keys are masked, and each
+            # token's FFN is its own): leave them out, e.g. 2 of 7 tokens when all metadata are
+            # masked (a map query without month/hour). Training keeps them (dropout draws).
+            cols = keep.any(0)
+            if not bool(cols.all()):
+                x, keep = x[:, cols], keep[:, cols]
         return self.transformer_encoder(x, src_key_padding_mask=~keep)[:, 0]

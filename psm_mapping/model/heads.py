@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 
 class Projector(nn.Module):
     """``linear2(GELU(linear1(x)))`` with the exact (erf) GELU."""
@@ -33,19 +35,32 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ProbEmbedding:
-    """A batch of Gaussian embeddings.
+    """A batch of Gaussian embeddings: ``ProbEmbedding(mean, logvar=None, raw_mean=None)``.
 
-    ``mean`` is L2-normalised ``[N, D]``; ``raw_mean`` the head output before normalisation
-    (needed to combine queries); ``logvar`` ``[N, D]`` or ``None`` for deterministic models.
+    ``mean`` is L2-normalised ``[N, D]``; ``logvar`` ``[N, D]`` or ``None`` for deterministic
+    models; ``raw_mean`` the head output before normalisation (needed to combine queries),
+    ``mean`` when not given. A field of another shape than ``mean`` is an :class:`InputError`.
     """
 
     mean: torch.Tensor
-    raw_mean: torch.Tensor
     logvar: torch.Tensor | None = None
+    raw_mean: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mean, torch.Tensor) or self.mean.ndim != 2:
+            raise InputError(f"ProbEmbedding mean must be a 2-D tensor [N, D], got "
+                             f"{getattr(self.mean, 'shape', type(self.mean).__name__)}: give one row per item")
+        if self.raw_mean is None:
+            self.raw_mean = self.mean
+        for name in ("logvar", "raw_mean"):
+            v = getattr(self, name)
+            if v is not None and tuple(getattr(v, "shape", ())) != tuple(self.mean.shape):
+                raise InputError(f"ProbEmbedding {name} has shape {tuple(getattr(v, 'shape', ()))}, mean "
+                                 f"{tuple(self.mean.shape)}: give {name} the shape of mean")
 
     @classmethod
     def from_heads(cls, raw_mean: torch.Tensor, logvar: torch.Tensor | None) -> "ProbEmbedding":
-        return cls(mean=l2norm(raw_mean), raw_mean=raw_mean, logvar=logvar)
+        return cls(l2norm(raw_mean), logvar=logvar, raw_mean=raw_mean)
 
     @property
     def probabilistic(self) -> bool:
@@ -57,7 +72,7 @@ class ProbEmbedding:
     def map(self, fn) -> "ProbEmbedding":
         """``fn`` applied to ``mean``, ``raw_mean`` and ``logvar`` (when there is one)."""
         lv = None if self.logvar is None else fn(self.logvar)
-        return ProbEmbedding(fn(self.mean), fn(self.raw_mean), lv)
+        return ProbEmbedding(fn(self.mean), logvar=lv, raw_mean=fn(self.raw_mean))
 
     def __getitem__(self, idx) -> "ProbEmbedding":
         if isinstance(idx, int):
@@ -106,9 +121,8 @@ class ProbEmbedding:
         lv = None
         if all(e.logvar is not None for e in items):
             lv = torch.cat([e.logvar for e in items])
-        return ProbEmbedding(
-            torch.cat([e.mean for e in items]), torch.cat([e.raw_mean for e in items]), lv
-        )
+        return ProbEmbedding(torch.cat([e.mean for e in items]), logvar=lv,
+                             raw_mean=torch.cat([e.raw_mean for e in items]))
 
     def replace(self, **kw) -> "ProbEmbedding":
         return replace(self, **kw)

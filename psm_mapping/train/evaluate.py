@@ -100,7 +100,7 @@ def embed_shards(model, shards, tokenizer=None, zoom_level: int = 1, mel_version
 
 
 def _float(e: ProbEmbedding) -> ProbEmbedding:
-    return ProbEmbedding(e.mean.float(), e.raw_mean.float(), None if e.logvar is None else e.logvar.float())
+    return ProbEmbedding(e.mean.float(), logvar=None if e.logvar is None else e.logvar.float(), raw_mean=e.raw_mean.float())
 
 
 @dataclass

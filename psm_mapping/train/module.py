@@ -118,7 +118,7 @@ class PSMLightning(pl.LightningModule):
             return torch.cat([t] + [g[i] for i in range(world) if i != rank])
 
         def all_of(e: ProbEmbedding) -> ProbEmbedding:
-            return ProbEmbedding(gather(e.mean), gather(e.raw_mean), None if e.logvar is None else gather(e.logvar))
+            return ProbEmbedding(gather(e.mean), logvar=None if e.logvar is None else gather(e.logvar), raw_mean=gather(e.raw_mean))
 
         n = len(a)
         eye = torch.eye(n, device=a.mean.device)

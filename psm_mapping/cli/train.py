@@ -4,16 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import ArgumentParser, command
+from .base import ArgumentParser, ints as _ints
 
 _META_HELP = "metadata tokens, e.g. latlong_month_time_asource_tsource, or none"
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in str(text).split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas") from None
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -27,7 +20,6 @@ def _devices(text: str):
     return text if text == "auto" or "," in text else int(text)
 
 
-@command("train")
 def cmd_train(argv: list[str]) -> int:
     p = ArgumentParser(prog="psm-map train", description=(
         "Train or fine-tune PSM on webdataset shards (PCME++ or InfoNCE). Keeps the best checkpoint by "
@@ -75,7 +67,7 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     from ..model.clap import resolve_clap_config
-    from .module import TrainConfig, fit
+    from ..train.module import TrainConfig, fit
 
     cfg = TrainConfig(
         shards=a.shards, val_shards=a.val_shards, sat_type=a.sat_type, metadata_type=a.metadata,
@@ -110,7 +102,6 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-@command("evaluate")
 def cmd_evaluate(argv: list[str]) -> int:
     p = ArgumentParser(prog="psm-map evaluate", description=(
         "Retrieval metrics of a checkpoint on test shards, as the paper: image-to-sound and sound-to-image, "
@@ -130,7 +121,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--default-source", help="audio source of keys without one (SoundingEarth: aporee)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    from .evaluate import evaluate
+    from ..train.evaluate import evaluate
 
     device = None if a.device == "auto" else a.device
     rep = evaluate(a.checkpoint, a.shards, tokenizer=a.tokenizer, zoom_level=a.zoom_level, mel_version=a.mel_version,
@@ -146,7 +137,6 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-@command("build-shards")
 def cmd_build_shards(argv: list[str]) -> int:
     p = ArgumentParser(prog="psm-map build-shards", description=(
         "Build train/val/test shards in the official PSM format from a CSV of samples (audio, latitude, "
@@ -164,7 +154,7 @@ def cmd_build_shards(argv: list[str]) -> int:
     p.add_argument("--skip-bad", action="store_true", help="leave out samples whose audio or imagery fails")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    from .build import BuildConfig, build_shards
+    from ..train.build import BuildConfig, build_shards
 
     cfg = BuildConfig(sat_type=a.sat_type, image_px=a.image_px, split=a.split, seed=a.seed, shard_size=a.shard_size,
                       min_valid=a.min_valid, default_source=a.default_source, skip_bad=a.skip_bad,

@@ -1,0 +1,62 @@
+"""``psm-map``: a thin command-line layer over the library API.
+
+:data:`COMMANDS` names, for each subcommand, the module and function that run it; a command's
+module is imported only when that command runs (``import psm_mapping.cli`` imports neither torch
+nor the training stack). Anything else on the command line is a map run (``psm-map REGION ...``).
+Any :class:`~psm_mapping.errors.PSMError` becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from ..errors import PSMError
+from .base import error_line
+
+#: subcommand -> "module:function" (relative to this package), imported when the command runs
+COMMANDS: dict[str, str] = {
+    "query": "map:cmd_query",
+    "info": "info:cmd_info",
+    "weights": "weights:cmd_weights",
+    "convert": "convert:cmd_convert",
+    "train": "train:cmd_train",
+    "evaluate": "train:cmd_evaluate",
+    "build-shards": "train:cmd_build_shards",
+}
+#: what runs when the first argument is no subcommand
+DEFAULT = "map:cmd_map"
+
+
+def command(name: str):
+    """The function that runs subcommand ``name`` (or the map run for anything else)."""
+    module, func = COMMANDS.get(name, DEFAULT).split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if argv and argv[0] in COMMANDS:
+            return command(argv[0])(argv[1:])
+        return command("")(argv)
+    except PSMError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("psm-map: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `psm-map info STORE | head`: the reader left, nothing to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a file system refusing a write we did not foresee: still one line
+        where = f" at {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"psm-map: error: {exc.strerror or exc}{where}: free space or choose another "
+              "--out / --store folder you can write", file=sys.stderr)
+        return 2
+
+
+__all__ = ["COMMANDS", "command", "main"]

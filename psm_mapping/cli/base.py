@@ -1,0 +1,55 @@
+"""The parser base every command uses: argparse with the CLI's one-line error form."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import PSMError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line ``psm-map: error: ...`` and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        msg = " ".join(str(message).split())
+        self.exit(2, f"psm-map: error: {msg}: fix the value (see `{self.prog} -h`)\n")
+
+
+def parser(prog: str, description: str) -> ArgumentParser:
+    return ArgumentParser(prog=f"psm-map {prog}".strip(), description=description)
+
+
+def flag(option: str) -> str:
+    """The command-line spelling of a library option name (``zoom_levels`` -> ``--zoom-level``)."""
+    return {"zoom_levels": "--zoom-level", "queries": "--query", "fuse": "--no-fusion",
+            "previews": "--no-previews"}.get(option, "--" + option.replace("_", "-"))
+
+
+def error_line(exc: PSMError) -> str:
+    """``psm-map: error: ...`` for ``exc``: one line; an error that names its option but not the
+    flag gets the flag added."""
+    msg = " ".join(str(exc).split())
+    option = getattr(exc, "option", None)
+    if option and flag(option) not in msg:
+        msg = f"{msg} [{flag(option)}]"
+    return f"psm-map: error: {msg}"
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """An argparse type: whole numbers separated by commas."""
+    try:
+        return tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas") from None
+
+
+def whole(name: str, lo: int, hi: int):
+    """An argparse type: a whole number (range checks stay with the library)."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a whole number: give one of {lo}..{hi}") from None
+
+    parse.__name__ = name
+    return parse

@@ -1,0 +1,39 @@
+"""``psm-map info FILE``: what a map, store or checkpoint holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import ArgumentParser
+
+
+def cmd_info(argv: list[str]) -> int:
+    p = ArgumentParser(prog="psm-map info", description="What a map, store or checkpoint holds.")
+    p.add_argument("path")
+    a = p.parse_args(argv)
+    path = a.path
+    if str(path).endswith((".ckpt", ".safetensors")):
+        from ..weights import verify
+
+        for k, v in verify(path).items():
+            print(f"{k}: {v}")
+        return 0
+    if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
+        import zarr
+
+        from ..store import STORE_FORMAT
+
+        g = zarr.open_group(path, mode="r")
+        if g.attrs.get("format") == STORE_FORMAT:
+            from ..store import EmbeddingStore
+
+            st = EmbeddingStore.open(path)
+            print(repr(st))
+            for k, v in st.attrs.get("provenance", {}).items():
+                print(f"  {k}: {v}")
+            if st.attrs.get("tokenizer"):
+                print(f"  tokenizer: {st.attrs['tokenizer']}")
+            return 0
+    from ..outputs import read_info
+
+    print(read_info(path).summary())
+    return 0

@@ -1,0 +1,191 @@
+"""Run settings: :class:`MapConfig` with one :meth:`~MapConfig.validate`, and one checker per
+kind of value (zoom levels, stride, whole-number sizes, min-valid, month, hour) that the grid,
+the drivers, the CLI and training all call.
+
+Checkers raise :class:`~psm_mapping.errors.InputError` with the option's field name in
+``exc.option`` and a message that does not spell a command-line flag; the CLI adds the flag."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .constants import DEFAULT_ZOOM_LEVELS
+from .errors import InputError, OutputError
+
+#: the largest zoom level a map accepts (chip = zoom x base tile; trained on 1, 3, 5)
+MAX_ZOOM_LEVEL = 5
+#: pixels of the region a run accepts unless told otherwise
+DEFAULT_MAX_PIXELS = 2_000_000
+#: side in pixels of a block (the unit of work and the store's chunk)
+DEFAULT_BLOCK_SIZE = 64
+
+
+# --------------------------------------------------------------------------- checkers
+def check_zoom_levels(zoom_levels, upper: int | None = MAX_ZOOM_LEVEL, option: str = "zoom_levels") -> tuple[int, ...]:
+    """Zoom levels as a tuple of positive ints (``"1,3,5"`` or a sequence), at most ``upper``."""
+    text = zoom_levels
+    try:
+        if isinstance(zoom_levels, str):
+            zoom_levels = [t for t in zoom_levels.split(",") if t.strip()]
+        z = tuple(int(v) for v in zoom_levels)
+    except (TypeError, ValueError):
+        raise InputError(f"bad zoom levels {text!r}: give integers like 1,3,5", option=option) from None
+    if not z or any(v < 1 for v in z):
+        raise InputError(f"bad zoom levels {z or text!r}: give positive integers, e.g. 1,3,5", option=option)
+    if upper is not None and any(v > upper for v in z):
+        raise InputError(f"zoom levels {z} are outside the trained range: PSM zoom levels are chip-size "
+                         f"multipliers 1..{upper} (trained on 1,3,5), not web-map zooms: give e.g. 1,3,5",
+                         option=option)
+    return z
+
+
+def check_stride(stride) -> float | None:
+    """The output pixel size in metres (None: the default for the sat type)."""
+    if stride is None:
+        return None
+    try:
+        s = float(stride)
+    except (TypeError, ValueError):
+        raise InputError(f"stride {stride!r} is not a number: give metres, e.g. 40", option="stride") from None
+    if not math.isfinite(s) or s <= 0:
+        raise InputError(f"stride {s:g} must be positive: give the pixel size in metres, e.g. 40", option="stride")
+    return s
+
+
+def check_count(option: str, value, lo: int = 1) -> int:
+    """A whole number >= ``lo`` (batch size, block size, pixel limit, workers)."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{option.replace('_', ' ')} {value!r} is not a whole number: give one >= {lo}",
+                         option=option) from None
+    if v < lo:
+        raise InputError(f"{option.replace('_', ' ')} {value} must be at least {lo}: give a positive whole number",
+                         option=option)
+    return v
+
+
+def check_fraction(option: str, value) -> float:
+    """A fraction in [0, 1] (min-valid)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise InputError(f"{option.replace('_', ' ')} {value} must be in [0, 1]: give the minimum valid fraction "
+                         "of a chip, e.g. 0.5", option=option)
+    return v
+
+
+def check_month(month) -> int | None:
+    """1..12, or None (masked)."""
+    return _in_range("month", month, 1, 12)
+
+
+def check_hour(hour) -> int | None:
+    """0..23, or None (masked)."""
+    return _in_range("hour", hour, 0, 23)
+
+
+def _in_range(option: str, value, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        v = int(value)
+        ok = v == float(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not lo <= v <= hi:
+        raise InputError(f"{option} {value} out of range: use {lo}..{hi} (leave it out: unknown/masked)",
+                         option=option)
+    return v
+
+
+def default_imagery() -> str:
+    """The imagery of a run that names none: the newest Sentinel-2 cloudless preset."""
+    from .imagery.presets import EOX_YEARS
+
+    return f"s2cloudless-{max(EOX_YEARS)}"
+
+
+def imagery_sat_type(imagery: str | None) -> str:
+    """The sat type a preset is meant for (the default imagery's for None); ``sentinel`` else."""
+    from .imagery.presets import PRESETS
+
+    p = PRESETS.get(str(imagery or default_imagery()))
+    return p.sat_type if p is not None else "sentinel"
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class MapConfig:
+    """Everything a map run needs. Paths are strings or Paths; ``imagery`` is a spec for
+    :func:`psm_mapping.imagery.open_source` (path, ``xyz:URL``, ``stac:URL`` or preset; None:
+    the newest Sentinel-2 cloudless preset); ``checkpoint`` None: ``$PSM_CHECKPOINT``, the cache,
+    or the official checkpoint for the imagery's sat type, downloaded on first use."""
+
+    region: str | None = None
+    imagery: str | None = None
+    queries: Sequence[str] = ()
+    audio: Sequence[str] = ()
+    combine: bool = False
+    bbox: str | Sequence[float] | None = None
+    feature: str | None = None
+    checkpoint: str | None = None
+    clap_config: str | dict | None = None
+    tokenizer: str | None = None
+    zoom_levels: Sequence[int] = DEFAULT_ZOOM_LEVELS
+    stride: float | None = None
+    crs: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    month: int | None = None
+    hour: int | None = None
+    audio_source: str | None = None
+    caption_source: str | None = None
+    fuse: bool = True
+    out: str = "psm-map.tif"
+    format: str = "cog"
+    previews: bool = True
+    score: bool = False
+    store: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
+    min_valid: float = 0.5
+    progress: bool = True
+    #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
+    offline: bool = False
+    imagery_options: dict = field(default_factory=dict)
+    extra_tags: dict = field(default_factory=dict)
+    #: fsspec storage options for a remote ``store`` URL (e.g. S3 ``key``/``secret``/``client_kwargs``)
+    store_options: dict = field(default_factory=dict)
+
+    def validate(self) -> "MapConfig":
+        """Cheap checks of every value, before the model loads; normalises the numbers in place."""
+        self.check_output_name()
+        if self.stride is not None:
+            self.stride = check_stride(self.stride)
+        self.zoom_levels = check_zoom_levels(self.zoom_levels)
+        self.batch_size = check_count("batch_size", self.batch_size)
+        self.block_size = check_count("block_size", self.block_size)
+        self.max_pixels = check_count("max_pixels", self.max_pixels)
+        self.min_valid = check_fraction("min_valid", self.min_valid)
+        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        return self
+
+    def check_output_name(self) -> None:
+        """The output name must end as the format writes it (a COG named .png or .zarr misleads)."""
+        from .outputs.results import FORMAT_SUFFIXES
+
+        fmt, out = str(self.format).lower(), self.out
+        if fmt not in FORMAT_SUFFIXES:
+            raise InputError(f"--format {fmt!r} is not supported: use cog or zarr", option="format")
+        name = str(out).rstrip("/").lower()
+        if not name.endswith(FORMAT_SUFFIXES[fmt]):
+            hint = " or pass --format zarr" if name.endswith(".zarr") else (
+                " or pass --format cog" if name.endswith((".tif", ".tiff")) else "")
+            raise OutputError(f"--out {out} does not match --format {fmt}: name it *{FORMAT_SUFFIXES[fmt][0]} for "
+                              f"a {fmt.upper() if fmt == 'cog' else 'Zarr'} output{hint}", option="out")
