@@ -62,6 +62,13 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(argv: list[str]) -> int:
+    from .serve.command import main as serve_main  # the explorer's own CLI glue
+
+    return serve_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     p = _parser("--demo", "Run the built-in offline demo.")
     p.add_argument("--demo", action="store_true")
