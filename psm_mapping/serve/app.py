@@ -299,7 +299,8 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         try:
             form = await request.form(max_files=1, max_fields=4)
         except Exception as exc:
-            raise RequestError(f"the multipart form cannot be read ({type(exc).__name__}): send one "
+            why = getattr(exc, "detail", None) or type(exc).__name__
+            raise RequestError(f"the multipart form cannot be read ({why}): send exactly one "
                                "file in a field named 'file'", 400) from None
         files = [v for v in form.values() if hasattr(v, "read")]
         if len(files) != 1:

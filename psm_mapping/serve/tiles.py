@@ -11,6 +11,12 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
+# imported once, here: rio_tiler's package imports are circular and fail when two request threads
+# import it for the first time at once
+import rio_tiler.io  # noqa: F401
+from rio_tiler.colormap import cmap as _cmaps
+from rio_tiler.errors import TileOutsideBounds
+from rio_tiler.io import Reader
 
 TILE_SIZE = 256
 MAX_TILE_ZOOM = 24
@@ -54,9 +60,6 @@ class Raster:
     def tile(self, x: int, y: int, z: int, vmin: float, vmax: float, colormap: str,
              resampling: str = "nearest") -> bytes | None:
         """The PNG of tile ``z/x/y``; None when the tile does not touch the raster."""
-        from rio_tiler.errors import TileOutsideBounds
-        from rio_tiler.io import Reader
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with self._mem.open() as ds, Reader(None, dataset=ds) as r:
@@ -73,15 +76,11 @@ class Raster:
 
 @lru_cache(maxsize=None)
 def cmap(name: str) -> dict:
-    from rio_tiler.colormap import cmap as cmaps
-
-    return cmaps.get(name)
+    return _cmaps.get(name)
 
 
 def colormap_names() -> list[str]:
-    from rio_tiler.colormap import cmap as cmaps
-
-    return sorted(cmaps.list())
+    return sorted(_cmaps.list())
 
 
 @lru_cache(maxsize=1)
