@@ -43,8 +43,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser")
-    p.add_argument("--memory-limit", type=_gb, default=4.0, metavar="GB",
-                   help="memory for the store's means and the caches (default 4 GB); larger stores "
+    p.add_argument("--memory-limit", type=_gb, default=6.0, metavar="GB",
+                   help="memory for the store's means and the caches (default 6 GB); larger stores "
                         "are streamed per query")
     p.add_argument("--max-upload", type=_mb, default=20.0, metavar="MB", help="largest audio upload (default 20 MB)")
     p.add_argument("--basemap", default=None, metavar="URL|none",

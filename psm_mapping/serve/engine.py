@@ -79,7 +79,7 @@ class Explorer:
 
     def __init__(self, store_url: str, checkpoint: str | None = None, clap_config: str | None = None,
                  tokenizer: str | None = None, device: str = "cpu", dtype: str = "auto",
-                 memory_limit: float = 4e9, max_upload_bytes: int = 20 << 20,
+                 memory_limit: float = 6e9, max_upload_bytes: int = 20 << 20,
                  storage_options: dict | None = None, preload: bool = True):
         from ..model.checkpoint import file_sha256
         from ..run import MapConfig, load_model
@@ -317,7 +317,7 @@ class Explorer:
         def compute():
             if zi == MEAN:
                 stack = np.stack([self.similarity(q, k).data for k in range(len(self.zoom_levels))])
-                with np.errstate(invalid="ignore"), _quiet():
+                with np.errstate(invalid="ignore"):
                     data = np.nanmean(stack, axis=0).astype(np.float32)
                 data[~np.isfinite(stack).any(0)] = np.nan
             else:
@@ -341,7 +341,7 @@ class Explorer:
         def compute():
             if zi == MEAN:
                 stack = np.stack([self.uncertainty(q, k).data for k in range(len(self.zoom_levels))])
-                with np.errstate(invalid="ignore"), _quiet():
+                with np.errstate(invalid="ignore"):
                     data = np.nanmean(stack, axis=0).astype(np.float32)
             else:
                 data = np.asarray(self.zoom_arrays(q, zi).uncertainty, np.float32)
@@ -483,14 +483,3 @@ class _Embedded:
 def _num(v) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)

@@ -7,16 +7,23 @@ in-memory GeoTIFF (internal tiles and overviews); every tile is cut from it by r
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image
 # imported once, here: rio_tiler's package imports are circular and fail when two request threads
 # import it for the first time at once
 import rio_tiler.io  # noqa: F401
 from rio_tiler.colormap import cmap as _cmaps
 from rio_tiler.errors import TileOutsideBounds
 from rio_tiler.io import Reader
+
+# rio-tiler casts NaN fill values of masked float tiles to uint8 (harmless; masked pixels stay
+# transparent). Filters are process-wide: catch_warnings() is not thread-safe in a threaded server.
+warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
 
 TILE_SIZE = 256
 MAX_TILE_ZOOM = 24
@@ -49,6 +56,22 @@ class Raster:
             if levels:
                 ds.build_overviews(levels, Resampling.average)
         self.nbytes = int(self.data.nbytes * 2.4)  # the array, the GeoTIFF and its overviews
+        # open readers, reused (a rasterio dataset serves one thread at a time)
+        self._readers: list = []
+        self._pool_lock = threading.Lock()
+
+    def _reader(self):
+        with self._pool_lock:
+            if self._readers:
+                return self._readers.pop()
+        return Reader(None, dataset=self._mem.open())
+
+    def _release(self, reader) -> None:
+        with self._pool_lock:
+            if len(self._readers) < 4:
+                self._readers.append(reader)
+                return
+        reader.dataset.close()
 
     def score(self, v: float) -> float | None:
         """``v`` rescaled 0..1 over the raster's range (as ``QueryMaps.score``)."""
@@ -59,19 +82,36 @@ class Raster:
 
     def tile(self, x: int, y: int, z: int, vmin: float, vmax: float, colormap: str,
              resampling: str = "nearest") -> bytes | None:
-        """The PNG of tile ``z/x/y``; None when the tile does not touch the raster."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with self._mem.open() as ds, Reader(None, dataset=ds) as r:
-                try:
-                    img = r.tile(x, y, z, tilesize=TILE_SIZE, resampling_method=resampling)
-                except TileOutsideBounds:
-                    return None
-            if not img.mask.any():
-                return None
-            hi = vmax if vmax > vmin else vmin + 1e-6
-            img.rescale(in_range=((vmin, hi),))
-            return img.render(img_format="PNG", colormap=cmap(colormap), ZLEVEL=1)
+        """The PNG of tile ``z/x/y`` (cut by rio-tiler's Web Mercator tiler); None when the tile does
+        not touch the raster's valid pixels."""
+        r = self._reader()
+        try:
+            img = r.tile(x, y, z, tilesize=TILE_SIZE, resampling_method=resampling)
+        except TileOutsideBounds:
+            return None
+        finally:
+            self._release(r)
+        valid = ~np.ma.getmaskarray(img.array)[0] & np.isfinite(img.array.data[0])
+        if not valid.any():
+            return None
+        # colour it as rio-tiler's rescale + colormap would, with one lookup table, and encode the
+        # PNG with light compression (tiles are small; latency matters more than bytes)
+        v = np.asarray(img.array.data[0], np.float64)
+        hi = vmax if vmax > vmin else vmin + 1e-6
+        idx = ((np.clip(v, vmin, hi) - vmin) / (hi - vmin) * 255.0)
+        idx = np.where(valid, np.nan_to_num(idx), 0).astype(np.uint8)
+        rgba = lut(colormap)[idx]
+        rgba[..., 3] = np.where(valid, rgba[..., 3], 0)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+
+@lru_cache(maxsize=None)
+def lut(name: str) -> np.ndarray:
+    """The colour map as a ``[256, 4]`` uint8 lookup table."""
+    cm = cmap(name)
+    return np.array([cm.get(i, (0, 0, 0, 0)) for i in range(256)], np.uint8)
 
 
 @lru_cache(maxsize=None)
