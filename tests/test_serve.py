@@ -444,6 +444,28 @@ def test_concurrent_clients_compute_each_query_once(built, tmp_path):
         assert s.stop() == 0
 
 
+def test_store_streamed_when_over_the_memory_limit(built):
+    """Means over the memory limit are not held: the similarity streams from the store in slabs
+    and equals the held computation."""
+    from psm_mapping.serve.engine import Explorer
+
+    inp = built["inp"]
+    kw = dict(checkpoint=str(inp["ckpt"]), clap_config=str(inp["clap"]), tokenizer=str(inp["tokenizer"]))
+    held = Explorer(str(built["store"]), memory_limit=1e9, **kw)
+    streamed = Explorer(str(built["store"]), memory_limit=1e3, **kw)
+    try:
+        assert held.hold_means and held.held_bytes > 12 * 12 * 2 * 512 * 2
+        assert not streamed.hold_means and streamed.held_bytes < 12 * 12 * 2 * 8 + 1
+        for zi in range(len(ZOOMS)):
+            a = held.similarity(held.query_spec("birds"), zi).data
+            b = streamed.similarity(streamed.query_spec("birds"), zi).data
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+            assert np.isfinite(a).all()
+    finally:
+        held.close()
+        streamed.close()
+
+
 # ---------------------------------------------------------------------------- the command
 def test_command_binds_localhost_prints_url_and_stops_on_ctrl_c(built, tmp_path):
     import psutil

@@ -113,7 +113,7 @@ class Explorer:
         from ..writers import lonlat_bounds
 
         h, w = spec.height, spec.width
-        xs, ys = zip(*(self.transform * (c, r) for c, r in ((0, 0), (w, h))))
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in ((0, 0), (w, h))))
         self.bounds = (min(xs), min(ys), max(xs), max(ys))
         self.lonlat_bounds = lonlat_bounds(self.crs, self.bounds)
 
@@ -381,7 +381,7 @@ class Explorer:
     # ------------------------------------------------------------------ points
     def pixel(self, lon: float, lat: float) -> tuple[int, int]:
         x, y = self.to_store.transform(lon, lat)
-        col, row = ~self.transform * (x, y)
+        col, row = ~self.transform @ (x, y)
         spec = self.store.spec
         if not (np.isfinite(col) and np.isfinite(row)) or not (0 <= col < spec.width and 0 <= row < spec.height):
             w, s, e, n = self.lonlat_bounds
@@ -391,7 +391,7 @@ class Explorer:
 
     def point(self, q: QuerySpec, lon: float, lat: float) -> dict:
         row, col = self.pixel(lon, lat)
-        cx, cy = self.transform * (col + 0.5, row + 0.5)
+        cx, cy = self.transform @ (col + 0.5, row + 0.5)
         clon, clat = self.to_lonlat.transform(cx, cy)
         sim, score, unc = {}, {}, {}
         for zi in [*range(len(self.zoom_levels)), MEAN]:
