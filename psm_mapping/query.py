@@ -246,3 +246,103 @@ def _fuse_from_z_img(model: PSM, z_img: np.ndarray, metadata, lon: np.ndarray, l
             vs[idx.numpy()] = emb.var_sum().cpu().numpy()
             unc[idx.numpy()] = emb.uncertainty().cpu().numpy()
     return mean.reshape(Z, h, w, -1), vs.reshape(Z, h, w), unc.reshape(Z, h, w)
+
+
+# ---------------------------------------------------------------------------- one zoom level
+# (the explorer, ``psm_mapping.serve``: one query's raster per zoom, computed once and cached)
+@dataclass
+class ZoomArrays:
+    """One zoom level of a store in memory, NaN outside done blocks and valid chips: ``mean``
+    ``[H, W, D]`` (float16 as stored, float32 when fusion re-ran), ``var_sum`` and
+    ``uncertainty`` float32 ``[H, W]``."""
+
+    zoom_index: int
+    mean: np.ndarray | None  # None: not held (:func:`zoom_similarity` streams it from the store)
+    var_sum: np.ndarray
+    uncertainty: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int((0 if self.mean is None else self.mean.nbytes) + self.var_sum.nbytes + self.uncertainty.nbytes)
+
+
+def zoom_nbytes(store: EmbeddingStore) -> int:
+    """Bytes of one zoom level's :class:`ZoomArrays` as stored (float16 means)."""
+    s = store.spec
+    return s.height * s.width * (2 * s.fc_dim + 8)
+
+
+def load_zoom(store: EmbeddingStore, zoom_index: int, model: PSM | None = None, metadata=None,
+              progress=None, with_mean: bool = True) -> ZoomArrays:
+    """Read zoom ``zoom_index`` of ``store`` into memory (``with_mean=False``: all but ``mean``);
+    with ``model`` and ``metadata`` re-run fusion and heads from ``z_img`` block by block
+    (``progress(done, total)`` after each block)."""
+    spec = store.spec
+    H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
+    nd = store.status()[zoom_index] != DONE  # never computed, or a read fault: NaN
+    done = store.done_mask()
+    blocks = [b for b in store.iter_blocks() if done[b.row_off // bs, b.col_off // bs]]
+    if model is None:
+        mean = np.asarray(store.read("mean", zoom_index=zoom_index)) if with_mean else None
+        vs = np.asarray(store.read("var_sum", zoom_index=zoom_index), np.float32)
+        unc = np.asarray(store.read("uncertainty", zoom_index=zoom_index), np.float32)
+    else:
+        mean = np.full((H, W, D), np.nan, np.float32)
+        vs = np.full((H, W), np.nan, np.float32)
+        unc = np.full((H, W), np.nan, np.float32)
+        lonlat = _LonLat(store)
+        for i, b in enumerate(blocks):
+            ys, xs = b.slices
+            z = store.read("z_img", ys, xs, slice(zoom_index, zoom_index + 1), where=f"block {b.index}")
+            m, v, u = _fuse_from_z_img(model, z, metadata, *lonlat(b))
+            mean[ys, xs], vs[ys, xs], unc[ys, xs] = m[0], v[0], u[0]
+            if progress is not None:
+                progress(i + 1, len(blocks))
+    if nd.any():
+        vs[nd], unc[nd] = np.nan, np.nan
+        if mean is not None:
+            mean[nd] = np.nan
+    return ZoomArrays(zoom_index, mean, vs, unc)
+
+
+def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: torch.Tensor | None,
+                    zoom_index: int | None = None) -> np.ndarray:
+    """Similarity ``[Q, H, W]`` (float32) of the queries ``(qm, qvs)`` (from :func:`prepare_query`)
+    at one zoom: over :class:`ZoomArrays` held in memory, or streamed from the store in slabs
+    (``zoom_index`` then says which zoom). The same arithmetic as :func:`query_store`."""
+    qt = qm.T.contiguous().float()
+    Q = qm.shape[0]
+
+    def sim_of(mean: np.ndarray, vs: np.ndarray) -> np.ndarray:
+        h, w, D = mean.shape
+        m = torch.from_numpy(np.ascontiguousarray(mean)).reshape(-1, D)
+        if m.dtype == torch.float16:  # as _query_slabs
+            dot = _dot_f16(m, qt).numpy().reshape(h, w, Q)
+            out = [2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs if qvs is not None else dot[..., q]
+                   for q in range(Q)]
+        else:  # fusion re-ran (float32 means), as query_block
+            dot = (m.float() @ qt).numpy().reshape(h, w, Q)
+            out = [-(2.0 - 2.0 * dot[..., q] + vs + float(qvs[q])) if qvs is not None else dot[..., q]
+                   for q in range(Q)]
+        return np.stack(out).astype(np.float32, copy=False)
+
+    if isinstance(source, ZoomArrays):
+        if source.mean is None:
+            raise ValueError("these ZoomArrays do not hold the means: pass the store")
+        return sim_of(source.mean, source.var_sum)
+    store, spec = source, source.spec
+    H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
+    out = np.full((Q, H, W), np.nan, np.float32)
+    done = store.done_mask()
+    vs_all = np.asarray(store.read("var_sum", zoom_index=zoom_index), np.float32)
+    step = max(1, SLAB_BYTES // (bs * bs * D * 2)) * bs
+    for bi, r in enumerate(range(0, H, bs)):
+        h = min(bs, H - r)
+        for c in range(0, W, step):
+            if not done[bi, c // bs:(c + step) // bs + 1].any():
+                continue
+            w = min(step, W - c)
+            mean = store.read("mean", slice(r, r + h), slice(c, c + w), zoom_index)
+            out[:, r:r + h, c:c + w] = sim_of(mean, vs_all[r:r + h, c:c + w])
+    out[:, store.status()[zoom_index] != DONE] = np.nan
+    return out

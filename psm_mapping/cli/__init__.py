@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "info": "info:cmd_info",
     "weights": "weights:cmd_weights",
     "convert": "convert:cmd_convert",
+    "serve": "serve:cmd_serve",
     "train": "train:cmd_train",
     "evaluate": "train:cmd_evaluate",
     "build-shards": "train:cmd_build_shards",
