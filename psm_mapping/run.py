@@ -96,13 +96,15 @@ def compute_dtype(dtype: str, device) -> str:
     return dtype
 
 
-def load_model(cfg: MapConfig):
+def load_model(cfg: MapConfig, encoders: Sequence[str] = ("image", "text", "audio")):
+    """(model, checkpoint path, device) for ``cfg``, with the towers in ``encoders`` (see
+    :meth:`PSM.from_checkpoint`: a query of a store needs no image encoder)."""
     from .model import PSM
 
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.checkpoint, sat_type=imagery_sat_type(cfg.imagery), quiet=not cfg.progress)
     model = PSM.from_checkpoint(ckpt, clap_config=cfg.clap_config, device=device,
-                                dtype=compute_dtype(cfg.dtype, device))
+                                dtype=compute_dtype(cfg.dtype, device), encoders=encoders)
     return model, ckpt, device
 
 
@@ -411,7 +413,7 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
         cfg.checkpoint = store.attrs.get("checkpoint_path")
     reuse_text_setup(store, cfg)
-    model, ckpt, _ = load_model(cfg)
+    model, ckpt, _ = load_model(cfg, encoders=("text", "audio") if cfg.audio else ("text",))
     sha = file_sha256(ckpt)
     if sha != store.spec.checkpoint_sha256:
         raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "

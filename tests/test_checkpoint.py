@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from psm_mapping import PSM, CheckpointError, PSMConfig, csd
+from psm_mapping import PSM, CheckpointError, InputError, PSMConfig, csd
 from psm_mapping.constants import FULL_METADATA, SAT_TYPES
 from psm_mapping.model.checkpoint import _safe_globals
 from psm_mapping.model.factory import build_model, hyper_parameters, tiny_clap_config
@@ -408,3 +408,33 @@ def test_float16_checkpoint_computes_in_float32(ckpt_factory):
     m = load(path)
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert m.embed_images(inputs(1)["images"], [1]).mean.dtype == torch.float32
+
+
+def test_encoders_loads_only_the_towers_asked_for(tiny_ckpt, tmp_path):
+    """A store query needs no image encoder, a text query no audio one: leaving them out loads
+    the rest with the same weights and outputs, and a call that needs a missing tower says so."""
+    full = load(tiny_ckpt)
+    text_only = load(tiny_ckpt, encoders=("text",))
+    assert not hasattr(text_only, "audio_encoder") and not hasattr(text_only.sat_encoder.encoder, "backbone")
+    n_full = sum(p.numel() for p in full.parameters())
+    n_text = sum(p.numel() for p in text_only.parameters())
+    n_left_out = sum(v.numel() for k, v in full.named_parameters()
+                     if k.startswith(("audio_encoder.", "sat_encoder.encoder.backbone.")))
+    assert n_left_out > 0 and n_text == n_full - n_left_out
+    x = inputs()
+    z = full.image_features(x["images"], x["zoom"])
+    for a, b in ((full.embed_text(x["ids"]), text_only.embed_text(x["ids"])),
+                 (full.embed_image_features(z), text_only.embed_image_features(z))):
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+        torch.testing.assert_close(a.logvar, b.logvar, rtol=0, atol=0)
+    with pytest.raises(InputError, match="without its image encoder"):
+        text_only.image_features(x["images"], x["zoom"])
+    with pytest.raises(InputError, match="without its audio encoder"):
+        text_only.embed_audio(x["feats"])
+    with pytest.raises(InputError, match="unknown encoder"):
+        load(tiny_ckpt, encoders=("text", "video"))
+    # strictness stays for the towers that are loaded
+    ck = raw_ckpt(tiny_ckpt)
+    del ck["state_dict"]["text_encoder.mean_head.linear1.bias"]
+    with pytest.raises(CheckpointError, match="missing 1: text_encoder.mean_head.linear1.bias"):
+        load(save_variant(ck, tmp_path / "edited.ckpt"), encoders=("text",))

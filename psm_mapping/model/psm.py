@@ -108,12 +108,27 @@ class PSMConfig:
         )
 
 
+#: the towers a model can be built with (:meth:`PSM.from_checkpoint` ``encoders``)
+ENCODERS = ("image", "text", "audio")
+#: the checkpoint keys of each tower
+_ENCODER_KEYS = {"image": "sat_encoder.encoder.backbone.", "text": "text_encoder.", "audio": "audio_encoder."}
+
+
+def _check_encoders(encoders: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(str(e) for e in encoders))
+    bad = [e for e in out if e not in ENCODERS]
+    if bad:
+        raise InputError(f"unknown encoder(s) {', '.join(bad)}: use some of {', '.join(ENCODERS)}")
+    return out
+
+
 class SatEncoderCore(nn.Module):
     """Keys ``backbone``, ``projector``, ``meta_fuser``, ``mean_head``, ``std_head``."""
 
-    def __init__(self, cfg: PSMConfig):
+    def __init__(self, cfg: PSMConfig, backbone: bool = True):
         super().__init__()
-        self.backbone = SatViT(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+        if backbone:  # left out when only stored z_img are fused (queries of a store)
+            self.backbone = SatViT(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
                                cfg.mlp_ratio)
         self.projector = Projector(cfg.embed_dim, cfg.fc_dim)
         if cfg.uses_metadata:
@@ -126,9 +141,9 @@ class SatEncoderCore(nn.Module):
 
 
 class SatEncoder(nn.Module):
-    def __init__(self, cfg: PSMConfig):
+    def __init__(self, cfg: PSMConfig, backbone: bool = True):
         super().__init__()
-        self.encoder = SatEncoderCore(cfg)
+        self.encoder = SatEncoderCore(cfg, backbone)
 
 
 class PSM(nn.Module):
@@ -138,15 +153,17 @@ class PSM(nn.Module):
     >>> s = m.embed_images(images, zoom_levels, metadata=None)   # ProbEmbedding
     """
 
-    def __init__(self, config: PSMConfig, clap_config=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: PSMConfig, clap_config=None, dtype: torch.dtype = torch.float32,
+                 encoders: Sequence[str] = ENCODERS):
         super().__init__()
         self.config = config
         self.clap_config = resolve_clap_config(clap_config)
         self.compute_dtype = dtype
-        self.sat_encoder = SatEncoder(config)
-        if config.audio:
+        self.encoders = _check_encoders(encoders)
+        self.sat_encoder = SatEncoder(config, backbone="image" in self.encoders)
+        if config.audio and "audio" in self.encoders:
             self.audio_encoder = ClapBranch("audio", self.clap_config, config.probabilistic, config.fc_dim)
-        if config.text:
+        if config.text and "text" in self.encoders:
             self.text_encoder = ClapBranch("text", self.clap_config, config.probabilistic, config.fc_dim)
         self.source: dict[str, Any] = {}
         self.eval()
@@ -154,10 +171,14 @@ class PSM(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, clap_config=None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32) -> "PSM":
-        """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely."""
+                        dtype: torch.dtype | str = torch.float32, encoders: Sequence[str] = ENCODERS) -> "PSM":
+        """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely.
+
+        ``encoders``: the towers to build and load, of ``image`` (the ViT backbone), ``text`` and
+        ``audio``; a query of a store needs no ``image`` (it fuses the stored ``z_img``), a text
+        query no ``audio``. The fusion and heads are always loaded."""
         raw = read_checkpoint(path)
-        model = meta_model(raw, clap_config, dtype=_as_dtype(dtype))
+        model = meta_model(raw, clap_config, dtype=_as_dtype(dtype), encoders=encoders)
         expected = model.state_dict()
         sd = {k: v for k, v in raw.state_dict.items() if k in expected}
         model.load_state_dict(sd, strict=False, assign=True)
@@ -209,6 +230,9 @@ class PSM(nn.Module):
         if zl.numel() != images.shape[0]:
             raise InputError(f"{zl.numel()} zoom levels for {images.shape[0]} images: give one per image")
         enc = self.sat_encoder.encoder
+        if not hasattr(enc, "backbone"):
+            raise InputError("this model was loaded without its image encoder: load it with "
+                             "encoders including 'image' (PSM.from_checkpoint(..., encoders=...))")
         with self._autocast():
             x = enc.backbone(images.float() if self.compute_dtype == torch.float32 else images,
                              self.resolution(zl).to(self.device))
@@ -243,7 +267,11 @@ class PSM(nn.Module):
     # ------------------------------------------------------------------ text / audio
     def _branch(self, name: str) -> ClapBranch:
         if not hasattr(self, name):
-            raise InputError(f"this checkpoint has no {name.split('_')[0]} encoder: use a checkpoint "
+            kind = name.split("_")[0]
+            if getattr(self.config, kind, False):
+                raise InputError(f"this model was loaded without its {kind} encoder: load it with "
+                                 f"encoders including {kind!r}")
+            raise InputError(f"this checkpoint has no {kind} encoder: use a checkpoint "
                              "whose modality_type includes it")
         return getattr(self, name)
 
@@ -294,7 +322,8 @@ class PSM(nn.Module):
         return d
 
 
-def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.float32) -> PSM:
+def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.float32,
+               encoders: Sequence[str] = ENCODERS) -> PSM:
     """The model ``raw`` describes, built on the meta device (no memory, no weights), after its
     keys and shapes were checked strictly against the file's (:func:`check_keys`).
     ``clap_config`` None: the checkpoint's own, else the laion/clap-htsat-fused architecture."""
@@ -304,10 +333,25 @@ def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.
         cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
     if clap_config is None:
         clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
-    with torch.device("meta"):
-        model = PSM(cfg, clap_config, dtype=dtype)
-    check_keys(model.state_dict(), raw.state_dict, Path(raw.path).name if raw.path else "checkpoint")
+    with torch.device("meta"), _skip_normal_init():
+        model = PSM(cfg, clap_config, dtype=dtype, encoders=encoders)
+    left_out = tuple(p for e, p in _ENCODER_KEYS.items() if e not in model.encoders)
+    found = {k: v for k, v in raw.state_dict.items() if not k.startswith(left_out)} if left_out else raw.state_dict
+    check_keys(model.state_dict(), found, Path(raw.path).name if raw.path else "checkpoint")
     return model
+
+
+@contextlib.contextmanager
+def _skip_normal_init():
+    """While a model is built on the meta device: ``nn.init.normal_`` does nothing (a meta tensor
+    holds no values, so skipping it changes nothing), because the first ``normal_`` on meta sets
+    up Python decompositions that cost ~2 s, the largest part of a query's start-up."""
+    saved = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        nn.init.normal_ = saved
 
 
 def _count_indexed(state_dict: dict, prefix: str) -> int:

@@ -92,7 +92,7 @@ class Explorer:
         if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
             cfg.checkpoint = self.store.attrs.get("checkpoint_path")
         reuse_text_setup(self.store, cfg)  # the tokenizer and CLAP config the store was built with
-        self.model, ckpt, _ = load_model(cfg)
+        self.model, ckpt, _ = load_model(cfg, encoders=("text", "audio"))  # no images are embedded
         sha = file_sha256(ckpt)
         if sha != spec.checkpoint_sha256:
             raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "
