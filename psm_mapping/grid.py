@@ -18,7 +18,7 @@ from shapely.geometry.base import BaseGeometry
 
 from . import constants
 from .errors import InputError, RegionError
-from .region import Region
+from .region import Region, wrap_lon
 
 __all__ = [
     "Block", "GridEstimate", "OutputGrid", "iter_blocks", "make_grid", "utm_crs_for",
@@ -152,8 +152,7 @@ class OutputGrid:
         """Grid CRS coordinates -> (lon in [-180, 180), lat) degrees."""
         tr = Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
         lon, lat = tr.transform(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-        lon = ((np.asarray(lon) + 180.0) % 360.0) - 180.0
-        return lon, np.asarray(lat)
+        return wrap_lon(lon), np.asarray(lat)
 
     def pixel_lonlat(self, block: Block | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(lon, lat) in degrees of pixel centres, each float64 [h, w]."""
@@ -173,7 +172,7 @@ def utm_crs_for(lon: float, lat: float) -> CRS:
         return CRS.from_epsg(32661)
     if lat < -80.0:
         return CRS.from_epsg(32761)
-    lon = ((lon + 180.0) % 360.0) - 180.0
+    lon = wrap_lon(lon)
     zone = int(math.floor((lon + 180.0) / 6.0)) + 1
     zone = min(max(zone, 1), 60)
     # the Norway and Svalbard exceptions of the UTM standard

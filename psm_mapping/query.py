@@ -17,6 +17,8 @@ import torch
 from .errors import InputError, StoreError
 from .grid import Block
 from .model import PSM, ProbEmbedding
+from .model.heads import csd_from_parts
+from .region import wrap_lon
 from .store import DONE, EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -210,7 +212,7 @@ def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Te
     dot = (m @ qm.T).reshape(Z, b.height, b.width, qm.shape[0]).numpy()
     sim = np.empty((qm.shape[0], Z, b.height, b.width), np.float32)
     for q in range(qm.shape[0]):
-        sim[q] = -(2.0 - 2.0 * dot[..., q] + vs + float(qvs[q])) if qvs is not None else dot[..., q]
+        sim[q] = csd_from_parts(dot[..., q], vs, float(qvs[q])) if qvs is not None else dot[..., q]
     return sim, np.asarray(u, np.float32)
 
 
@@ -225,7 +227,7 @@ class _LonLat:
     def __call__(self, b: Block):
         xx, yy = np.meshgrid(self.x[b.col_off:b.col_off + b.width], self.y[b.row_off:b.row_off + b.height])
         lon, lat = self.t.transform(xx, yy)
-        return ((np.asarray(lon) + 180.0) % 360.0) - 180.0, np.asarray(lat)
+        return wrap_lon(lon), np.asarray(lat)
 
 
 def _fuse_from_z_img(model: PSM, z_img: np.ndarray, metadata, lon: np.ndarray, lat: np.ndarray):
@@ -322,7 +324,7 @@ def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: 
                    for q in range(Q)]
         else:  # fusion re-ran (float32 means), as query_block
             dot = (m.float() @ qt).numpy().reshape(h, w, Q)
-            out = [-(2.0 - 2.0 * dot[..., q] + vs + float(qvs[q])) if qvs is not None else dot[..., q]
+            out = [csd_from_parts(dot[..., q], vs, float(qvs[q])) if qvs is not None else dot[..., q]
                    for q in range(Q)]
         return np.stack(out).astype(np.float32, copy=False)
 

@@ -53,14 +53,14 @@ class Region:
     def centroid_lonlat(self) -> tuple[float, float]:
         """(lon, lat) of the centroid, longitude wrapped to [-180, 180)."""
         c = self.unwrapped().centroid
-        return (_wrap_lon(c.x), c.y)
+        return (wrap_lon(c.x), c.y)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(west, south, east, north); west > east when it crosses the antimeridian."""
         if self.crosses_antimeridian:
             w, s, e, n = self.unwrapped().bounds
-            return (_wrap_lon(w), s, _wrap_lon(e), n)
+            return (wrap_lon(w), s, wrap_lon(e), n)
         return tuple(self.geometry.bounds)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
@@ -75,8 +75,11 @@ def _shift_negative_lon(xy):
     return xy
 
 
-def _wrap_lon(lon: float) -> float:
-    return ((lon + 180.0) % 360.0) - 180.0
+def wrap_lon(lon):
+    """Longitude(s) in degrees into [-180, 180) (a float or an array)."""
+    if isinstance(lon, (int, float)):
+        return ((lon + 180.0) % 360.0) - 180.0
+    return ((np.asarray(lon, dtype=np.float64) + 180.0) % 360.0) - 180.0
 
 
 def parse_bbox(text: str | tuple | list) -> tuple[float, float, float, float]:

@@ -375,13 +375,11 @@ def _read_window(reader: ChipReader, grid: OutputGrid, sb: _SubBlock, zoom: int,
 def _check(zoom_levels, sat_type, min_valid, batch_size):
     if sat_type not in constants.GSD:
         raise InputError(f"unknown sat type {sat_type!r}: use one of {', '.join(constants.GSD)}")
-    if not zoom_levels or any(int(z) < 1 for z in zoom_levels):
-        raise InputError(f"bad zoom levels {tuple(zoom_levels)}: give positive integers, "
-                         "e.g. 1,3,5")
-    if not 0.0 <= min_valid <= 1.0:
-        raise InputError(f"--min-valid {min_valid} must be in [0, 1]")
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size} must be at least 1")
+    from .config import check_count, check_fraction, check_zoom_levels
+
+    check_zoom_levels(zoom_levels, upper=None)
+    check_fraction("min_valid", min_valid)
+    check_count("batch_size", batch_size)
 
 
 def read_chip_windows(source: ImagerySource | ChipReader, grid: OutputGrid, block: Block,

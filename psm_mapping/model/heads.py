@@ -134,7 +134,14 @@ def csd(a: ProbEmbedding, b: ProbEmbedding) -> torch.Tensor:
     if a.logvar is None or b.logvar is None:
         return cosine(a, b)
     dot = a.mean.double() @ b.mean.double().T
-    return -(2.0 - 2.0 * dot + a.var_sum()[:, None] + b.var_sum()[None, :])
+    return csd_from_parts(dot, a.var_sum()[:, None], b.var_sum()[None, :])
+
+
+def csd_from_parts(dot, var_sum_a, var_sum_b):
+    """The closed-form sampled distance's similarity from its parts: ``-(2 - 2 mu_a.mu_b +
+    sum(var_a) + sum(var_b))`` (torch or NumPy, broadcasting). The one home of the formula;
+    the retrieval metrics keep the reference's order of additions for bit-equal numbers."""
+    return -(2.0 - 2.0 * dot + var_sum_a + var_sum_b)
 
 
 def cosine(a: ProbEmbedding, b: ProbEmbedding) -> torch.Tensor:

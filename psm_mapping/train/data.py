@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..constants import AUDIO_SOURCES, BASE_TILE, CAPTION_SOURCES, CHIP_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from ..config import check_zoom_levels
 from ..errors import InputError
 from ..model.fusion import metadata_items
 from ..model.metadata import Metadata
+from ..region import wrap_lon
 from .shards import MEL_VERSIONS, Sample, expand_shards, iter_samples
 
 #: side in pixels of the official training images (the reference's crops assume it)
@@ -71,8 +73,8 @@ class DataConfig:
         bad = [v for v in self.mel_versions + (self.eval_mel_version,) if v not in MEL_VERSIONS]
         if bad or not self.mel_versions:
             raise InputError(f"mel versions {bad or '()'} invalid: choose among 1..5")
-        if not self.zoom_levels or any(z < 1 for z in self.zoom_levels + (self.eval_zoom_level,)):
-            raise InputError("zoom levels must be positive integers, e.g. 1,3,5")
+        self.zoom_levels = check_zoom_levels(self.zoom_levels, upper=None)
+        self.eval_zoom_level = check_zoom_levels((self.eval_zoom_level,), upper=None, option="eval_zoom_level")[0]
 
     @property
     def loaded_mels(self) -> tuple[int, ...]:
@@ -247,7 +249,7 @@ def meta_inputs(items: Sequence[Item], metadata_type: str) -> dict[str, torch.Te
     names = metadata_items(metadata_type)
     if not names:
         return {}
-    md = Metadata(lat=[it.latitude for it in items], lon=[((it.longitude + 180) % 360) - 180 for it in items],
+    md = Metadata(lat=[it.latitude for it in items], lon=[wrap_lon(it.longitude) for it in items],
                   month=[it.month for it in items], hour=[it.hour for it in items],
                   audio_source=[it.audio_source for it in items], caption_source=[it.caption_source for it in items])
     enc = md.encode(len(items))
