@@ -133,11 +133,31 @@ class SatEncoderCore(nn.Module):
         self.projector = Projector(cfg.embed_dim, cfg.fc_dim)
         if cfg.uses_metadata:
             self.meta_fuser = MetaFuser(cfg.metadata_type, cfg.fc_dim, cfg.fuser_heads, cfg.fuser_layers)
+        self.probabilistic = cfg.probabilistic
         if cfg.probabilistic:
             self.mean_head = Projector(cfg.fc_dim, cfg.fc_dim)
             self.std_head = Projector(cfg.fc_dim, cfg.fc_dim)
             nn.init.constant_(self.std_head.linear1.bias, -4.0)
             nn.init.constant_(self.std_head.linear2.bias, -4.0)
+
+    # the image path, one home for inference (PSM.embed_images) and training / evaluation
+    def features(self, images: torch.Tensor, resolution: torch.Tensor) -> torch.Tensor:
+        """``z_img``: ViT at ``resolution`` m per patch step, then the projector."""
+        return self.projector(self.backbone(images, resolution))
+
+    def heads(self, z: torch.Tensor, meta_inputs: dict | None = None, fuse: bool = True,
+              dtype: torch.dtype | None = None) -> ProbEmbedding:
+        """Fusion with ``meta_inputs`` (``{item: (encoding, valid)}``; None masks all; skipped
+        without a fuser or with ``fuse=False``), then the heads (outputs cast to ``dtype``)."""
+        if fuse and hasattr(self, "meta_fuser"):
+            z = self.meta_fuser(z, meta_inputs)
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        if self.probabilistic:
+            return ProbEmbedding.from_heads(cast(self.mean_head(z)), cast(self.std_head(z)))
+        return ProbEmbedding.from_heads(cast(z), None)
+
+    def forward(self, images: torch.Tensor, resolution: torch.Tensor, meta_inputs: dict | None = None) -> ProbEmbedding:
+        return self.heads(self.features(images, resolution), meta_inputs)
 
 
 class SatEncoder(nn.Module):
@@ -234,9 +254,8 @@ class PSM(nn.Module):
             raise InputError("this model was loaded without its image encoder: load it with "
                              "encoders including 'image' (PSM.from_checkpoint(..., encoders=...))")
         with self._autocast():
-            x = enc.backbone(images.float() if self.compute_dtype == torch.float32 else images,
+            z = enc.features(images.float() if self.compute_dtype == torch.float32 else images,
                              self.resolution(zl).to(self.device))
-            z = enc.projector(x)
         return z.float()
 
     @torch.inference_mode()
@@ -250,14 +269,8 @@ class PSM(nn.Module):
         enc = self.sat_encoder.encoder
         z = z_img.to(self.device).float()
         with self._autocast():
-            if fuse and hasattr(enc, "meta_fuser"):
-                inputs = metadata.encode(z.shape[0], self.device) if metadata is not None else None
-                z = enc.meta_fuser(z, inputs)
-            if self.config.probabilistic:
-                emb = ProbEmbedding.from_heads(enc.mean_head(z).float(), enc.std_head(z).float())
-            else:
-                emb = ProbEmbedding.from_heads(z.float(), None)
-        return emb
+            inputs = metadata.encode(z.shape[0], self.device) if (metadata is not None and fuse) else None
+            return enc.heads(z, inputs, fuse=fuse, dtype=torch.float32)
 
     def embed_images(self, images: torch.Tensor, zoom_levels, metadata: Metadata | None = None,
                      fuse: bool = True) -> ProbEmbedding:

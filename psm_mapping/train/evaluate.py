@@ -30,15 +30,9 @@ def image_embedding(sat_encoder, sat_type: str, probabilistic: bool, images: tor
     """The image path with gradients: ViT at ``zoom * gsd`` m per patch step, projector, fusion
     with per-sample validity (``meta``: ``{item: (encoding, valid)}``; None masks all), heads.
 
-    Same modules and order as :meth:`PSM.embed_images`, so in eval mode the numbers are the same."""
-    enc = sat_encoder.encoder
+    The encoder's own forward, which :meth:`PSM.embed_images` runs too (one image path)."""
     res = zoom_levels.reshape(-1).to(torch.float32) * float(GSD[sat_type])
-    z = enc.projector(enc.backbone(images, res.to(images.device)))
-    if hasattr(enc, "meta_fuser"):
-        z = enc.meta_fuser(z, meta)
-    if probabilistic:
-        return ProbEmbedding.from_heads(enc.mean_head(z), enc.std_head(z))
-    return ProbEmbedding.from_heads(z, None)
+    return sat_encoder.encoder(images, res.to(images.device), meta)  # SatEncoderCore.forward
 
 
 def keep_metadata(meta: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: str | None

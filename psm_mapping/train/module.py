@@ -21,6 +21,7 @@ import torch
 from ..constants import FULL_METADATA
 from ..errors import CheckpointError, InputError
 from ..model.heads import ProbEmbedding
+from .config import TrainConfig
 from .data import apply_metadata_dropout, unflatten_meta
 from .evaluate import image_embedding
 from .loss import build_criterion, total_loss
@@ -285,65 +286,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- driver
-@dataclass
-class TrainConfig:
-    """Everything ``psm-map train`` sets; defaults are the authors'."""
-
-    shards: Any
-    val_shards: Any = None
-    sat_type: str = "sentinel"
-    metadata_type: str = FULL_METADATA
-    probabilistic: bool = True
-    modality_type: str = "sat_audio_text"
-    out_dir: str = "psm-train"
-    max_steps: int = 300_000
-    batch_size: int = 128
-    val_batch_size: int = 128
-    limit_val_batches: int | float = 30
-    val_check_interval: int = 500
-    precision: str = "auto"
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_workers: int = 2
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.2
-    warm_up_iterations: int = 5000
-    meta_droprate: float = 0.5
-    pseudo_match_alpha: float = 0.1
-    vib_beta: float = 1e-4
-    loss_text_weight: float = 0.5
-    recall_at: int = 10
-    fc_dim: int = 512
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    clap_config: Any = None  # None (laion/clap-htsat-fused), dict, ClapConfig or JSON path
-    satmae: str | None = None
-    clap_weights: str | None = None
-    tokenizer: Any = None
-    mel_versions: tuple[int, ...] = (1, 2, 3, 4, 5)
-    zoom_levels: tuple[int, ...] | None = None
-    default_source: str | None = None
-    dataset_type: str | None = None
-    freeze: bool = False
-    seed: int = 56
-    shuffle_buffer: int = 1000
-    validate_first: bool = False
-    resume: str | None = None
-    progress: bool = True
-    log_every_n_steps: int = 15
-
-    def tiny(self) -> "TrainConfig":
-        """Small ViT (64 wide, depth 1) and the tiny test CLAP, unless set otherwise."""
-        from ..model.factory import TINY_CLAP
-
-        self.embed_dim, self.depth, self.num_heads = 64, 1, 1
-        if self.clap_config is None and self.clap_weights is None:
-            self.clap_config = TINY_CLAP
-        return self
-
-
 def _precision(p: str) -> str:
     if p == "auto":
         return "16-mixed" if torch.cuda.is_available() else "32-true"
