@@ -135,6 +135,11 @@ def test_zarr_cube_slices_equal_single_maps(inp, cube_zarr, singles):
     assert item["properties"]["psm:cube"]["months"] == [3, 5] and item["properties"]["psm:cube"]["hours"] == [7, 14]
     assert "z_img" in item["properties"]["psm:cube"]["source"]
     assert item["assets"]["data"]["href"] == "./cube.zarr"
+    from psm_mapping.outputs import read_info
+
+    info = read_info(cube_zarr)
+    assert [b["variable"] for b in info.bands] == ["similarity_birds", "uncertainty"]
+    assert info.bands[0]["dims"] == {"month": 2, "hour": 2, "zoom": 1, "y": 8, "x": 8}
 
 
 def test_previews_animation_grid_and_slider(cube_zarr):
@@ -304,3 +309,44 @@ def test_bad_cube_input_map_run(metadata_type, extra, words, inp, ckpt_factory, 
     assert rc == 2 and len(err) == 1 and err[0].startswith("psm-map: error:"), err
     assert all(w.lower() in err[0].lower() for w in words), err[0]
     assert list(out.iterdir()) == []
+
+
+def test_html_time_slider_script_runs(cube_zarr, tmp_path):
+    """The page's script (node, no browser): the sliders pick the frame of (month, hour), play steps
+    hours first, then months."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    page = (Path(str(cube_zarr) + ".preview") / "index.html").read_text(encoding="utf-8")
+    data = {m.group(1): m.group(2) for m in re.finditer(
+        r'<script type="application/json" id="(\w+)">(.*?)</script>', page, re.S)}
+    (inline,) = re.findall(r"<script>(.*?)</script>", page, re.S)
+    stub = """
+const els={}, on={};
+function el(id){ if(!els[id]) els[id]={id:id,style:{},textContent:'',value:'0',selectedIndex:0,
+  addEventListener(ev,f){ on[id+':'+ev]=f; } }; return els[id]; }
+global.document={getElementById:el};
+global.setInterval=function(f){ global.tick=f; return 1; }; global.clearInterval=function(){};
+"""
+    init = "".join(f"el({json.dumps(k)}).textContent={json.dumps(v)};\n" for k, v in data.items())
+    check = """
+const E=JSON.parse(els.entries.textContent);
+function want(i){ return 'data:image/png;base64,'+E[0].frames[i]; }
+if(els.frame.src!==want(0)) throw new Error('first frame');
+els.month.value='1'; els.hour.value='1'; on['hour:input']();
+if(els.frame.src!==want(3)) throw new Error('slider frame');
+if(els.setting.textContent!=='May (5), 14:00') throw new Error('label '+els.setting.textContent);
+on['play:click'].call(els.play); tick();
+if(els.frame.src!==want(0)) throw new Error('play wraps to the first setting');
+els.hour.value='0'; els.month.value='0'; tick();
+if(els.frame.src!==want(1)) throw new Error('play steps the hour first');
+console.log('ok');
+"""
+    js = tmp_path / "page.js"
+    js.write_text(stub + init + inline + check, encoding="utf-8")
+    out = subprocess.run(["node", str(js)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
