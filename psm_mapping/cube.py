@@ -364,8 +364,21 @@ def check_cube_run(cfg, model_config, metadata: MetadataOptions, zooms: int | No
 
 
 def cube_maps(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg) -> QueryCube:
-    """:func:`cube_store` for a run's config (what ``map_region`` and ``map_from_store`` call)."""
-    return cube_store(store, queries, model, metadata, TimeAxes.from_config(cfg))
+    """:func:`cube_store` for a run's config (what ``map_region`` and ``map_from_store`` call),
+    with a progress bar over the blocks unless ``cfg.progress`` is off."""
+    from tqdm.auto import tqdm
+
+    axes = TimeAxes.from_config(cfg)
+    bar = tqdm(total=int(store.done_mask().sum()), unit="block", desc=f"cube ({len(axes)} settings)",
+               disable=not cfg.progress)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        return cube_store(store, queries, model, metadata, axes, progress=progress)
+    finally:
+        bar.close()
 
 
 def write_cube(cube: QueryCube, grid_or_store, tags: dict, region, cfg) -> dict:

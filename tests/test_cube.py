@@ -170,10 +170,12 @@ def test_one_axis_and_map_run_cube(inp, built, cube_zarr, singles, tmp_path):
     import xarray as xr
 
     out = tmp_path / "months.zarr"
-    assert main(["query", str(built), *common(inp), "--months", "3,5", "--hour", "7", "--no-previews",
+    assert main(["query", str(built), *common(inp), "--months", "3,5", "--hour", "7", "--no-previews", "--score",
                  "--out", str(out)]) == 0
     ds = xr.open_zarr(out)
     assert ds["similarity_birds"].dims == ("month", "zoom", "y", "x") and "hour" not in ds.dims
+    sc = ds["score_birds"].values  # one 0..1 scale over the whole cube, per zoom
+    assert np.nanmin(sc) == 0.0 and np.nanmax(sc) == 1.0 and np.nanmax(sc[0]) != np.nanmax(sc[1])
     np.testing.assert_allclose(ds["similarity_birds"].sel(month=3, zoom=1).values, band(singles[(3, 7)], "birds"),
                                rtol=0, atol=1e-5)
     run_out = tmp_path / "run" / "cube.zarr"
@@ -350,3 +352,22 @@ console.log('ok');
     out = subprocess.run(["node", str(js)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_dask_driver_cube(inp, built, cube_zarr, tmp_path):
+    """The dask driver fills the store on the cluster and makes the same cube (here the store is
+    complete: nothing is embedded)."""
+    import xarray as xr
+    from distributed import Client
+
+    from psm_mapping.distributed import map_region_distributed
+
+    cfg = MapConfig(region=str(inp["region"]), imagery=str(inp["scene"]), queries=["birds"],
+                    checkpoint=str(inp["ckpt"]), clap_config=str(inp["clap"]), tokenizer=str(inp["tokenizer"]),
+                    zoom_levels=(1,), stride=40.0, device="cpu", out=str(tmp_path / "d.zarr"), format="zarr",
+                    store=str(built.parent), progress=False, previews=False, months="3,5", hours="7,14")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        run = map_region_distributed(cfg, client=client, log_fn=lambda *a: None)
+    assert run.blocks_computed == 0 and run.chips == 0
+    a, b = xr.open_zarr(tmp_path / "d.zarr"), xr.open_zarr(cube_zarr)
+    np.testing.assert_allclose(a["similarity_birds"].values, b["similarity_birds"].values, rtol=0, atol=1e-5)

@@ -81,7 +81,7 @@ def frame_image(arr: np.ndarray, title: str, subtitle: str, cmap: str, vrange):
 def animation_gif(frames) -> bytes:
     """An endlessly looping GIF of ``frames`` (PIL images), one per setting."""
     buf = io.BytesIO()
-    pal = [f.quantize(colors=255, method=2) for f in frames]  # median cut, a palette per frame
+    pal = [f.quantize(colors=255, method=2) for f in frames]  # fast octree, a palette per frame
     pal[0].save(buf, format="GIF", save_all=True, append_images=pal[1:], duration=FRAME_MS, loop=0,
                 optimize=False, disposal=1)
     return buf.getvalue()
