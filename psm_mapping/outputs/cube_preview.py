@@ -127,9 +127,21 @@ def grid_png(result, data: np.ndarray, k: int, title: str, cmap: str, vrange) ->
     return buf.getvalue()
 
 
-def _frame_png(arr: np.ndarray, cmap: str, vrange) -> str:
+#: bytes of frame PNGs the HTML page aims to stay under (larger cubes get smaller frames)
+PAGE_FRAME_BYTES = 40 << 20
+
+
+def page_frame_px(n_frames: int) -> int:
+    """Longest side of the page's frames: 256 px, less for many frames (~2 bytes a pixel)."""
+    return int(max(48, min(FRAME_DATA_PX, np.sqrt(PAGE_FRAME_BYTES / max(1, n_frames) / 2))))
+
+
+def _frame_png(arr: np.ndarray, cmap: str, vrange, px: int = FRAME_DATA_PX) -> str:
+    from PIL import Image
+
     buf = io.BytesIO()
-    _raster(arr, cmap, vrange, FRAME_DATA_PX).save(buf, format="PNG", compress_level=3)
+    shown = block_mean(np.asarray(arr, np.float32), px)
+    Image.fromarray(colorize(shown, cmap, vrange), "RGBA").save(buf, format="PNG", compress_level=3)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -145,6 +157,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
     taken: set[str] = set()
     names, entries = [], []
     jobs = [(v, k, z) for v in result.variables if v.kind != "score" for k, z in enumerate(result.zoom_levels)]
+    px = page_frame_px(len(jobs) * len(result.settings))
     for v, k, z in tqdm(jobs, desc="cube previews", unit="panel", disable=not progress):
         cmap = COLORMAPS[v.kind]
         vrange = cube_range(v.kind, v.data[:, k])
@@ -157,7 +170,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
         names += [f"{stem}.gif", f"{stem}_grid.png"]
         entries.append({"name": v.name, "zoom": z, "description": title, "kind": v.kind, "cmap": cmap,
                         "vmin": vrange[0], "vmax": vrange[1], "gif": f"{stem}.gif", "grid": f"{stem}_grid.png",
-                        "frames": [_frame_png(v.data[s, k], cmap, vrange) for s in range(len(result.settings))]})
+                        "frames": [_frame_png(v.data[s, k], cmap, vrange, px) for s in range(len(result.settings))]})
     tags = full_tags(_map_like(result))
     tags.update(cube_tags(result))
     page = html_cube_page(result, entries, tags)
