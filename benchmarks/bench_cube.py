@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
            "settings": S, "image_s_per_million_chips": img_s, "cube_s_per_setting_per_million": per_setting,
            "cube_read_z_img_s": cube.seconds.get("read_z_img"), "cube_total_s": cube_s,
            "single_rerun_s_per_million": single, "ratio": ratio,
-           "flop_ratio": fusion_flops_per_row() / vit_flops_per_image(), "load_average": [load0, load1], "torch": torch.__version__}
+           "flop_ratio": fusion_flops_per_row() / vit_flops_per_image(), "load_average": [load0, load1],
+           "torch": torch.__version__}
     print(f"full-size shapes, random weights, device {device}, dtype {dtype}, threads {torch.get_num_threads()}")
     print(f"  image encoder (ViT-B/16 + projector): {img_s:12,.0f} s per million chips")
     print(f"  cube, {S} settings over {n:,} pixel-zooms: {per_setting:10,.1f} s per setting per million "

@@ -459,6 +459,7 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
                                 progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
+    first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
     return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
-                               pixels=int(np.isfinite(maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]).sum()), blocks_total=int(done.sum()),
+                               pixels=int(np.isfinite(first).sum()), blocks_total=int(done.sum()),
                                fault_pixels=fault_pixels)

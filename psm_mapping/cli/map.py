@@ -263,7 +263,8 @@ def _profile(a: argparse.Namespace, kw: dict) -> int:
     prof, files = profile_from_store(a.store, cfg, a.point)
     if not a.quiet:
         print(f"profile at {prof.lon:g},{prof.lat:g} (store pixel row {prof.row}, column {prof.col}): "
-              f"{len(prof.axes)} settings x {len(prof.zoom_levels)} zooms x {len(prof.queries)} queries", file=sys.stderr)
+              f"{len(prof.axes)} settings x {len(prof.zoom_levels)} zooms x {len(prof.queries)} queries",
+              file=sys.stderr)
         for k, v in files.items():
             print(f"{k}: {v}", file=sys.stderr)
     return 0

@@ -201,8 +201,8 @@ def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool 
 
         geojson = mapping(region.geometry)
     ax = cube.axes
-    return CubeResult(variables, ax.months, ax.hours, ax.month, ax.hour, tuple(cube.zoom_levels), CRS.from_user_input(crs),
-                      transform, t, geojson)
+    return CubeResult(variables, ax.months, ax.hours, ax.month, ax.hour, tuple(cube.zoom_levels),
+                      CRS.from_user_input(crs), transform, t, geojson)
 
 
 # --------------------------------------------------------------------------- Zarr
