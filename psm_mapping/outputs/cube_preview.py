@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cube import MONTH_NAMES
+from ..cube import MONTH_NAMES, setting_label
 from .preview import _asset, _font, block_mean, colorize
 from .results import COLORMAPS, safe_name
 
@@ -163,7 +163,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
         vrange = cube_range(v.kind, v.data[:, k])
         stem = safe_name(f"{v.name}_z{z}", taken)
         title = f"{v.description} at zoom {z}"
-        frames = [frame_image(v.data[s, k], title, f"{result.setting_text(s) or 'fixed'}   (one colour scale "
+        frames = [frame_image(v.data[s, k], title, f"{setting_label(*result.settings[s])}   (one colour scale "
                               "for every frame)", cmap, vrange) for s in range(len(result.settings))]
         (out / f"{stem}.gif").write_bytes(animation_gif(frames))
         (out / f"{stem}_grid.png").write_bytes(grid_png(result, v.data, k, title, cmap, vrange))
