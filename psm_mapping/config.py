@@ -7,6 +7,7 @@ Checkers raise :class:`~psm_mapping.errors.InputError` with the option's field n
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -102,6 +103,56 @@ def _in_range(option: str, value, lo: int, hi: int) -> int | None:
     return v
 
 
+def check_months(months) -> tuple[int, ...] | None:
+    """The months of a cube (1..12) from ``"3,6,9"``, ``"1-12"``, ``"1-12/3"`` or a sequence;
+    None: no month axis."""
+    return _time_list("months", months, 1, 12, "3,6,9 or 1-12 or 1-12/3")
+
+
+def check_hours(hours) -> tuple[int, ...] | None:
+    """The hours of a cube (0..23) from ``"6,12,18"``, ``"0-23"``, ``"0-23/3"`` or a sequence;
+    None: no hour axis."""
+    return _time_list("hours", hours, 0, 23, "6,12,18 or 0-23 or 0-23/3")
+
+
+def _time_list(option: str, value, lo: int, hi: int, example: str) -> tuple[int, ...] | None:
+    """Lists (``a,b``), ranges (``a-b``, both ends included) and steps (``a-b/s``) of whole
+    numbers in ``lo..hi``, in the order given, repeats dropped."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    out: list[int] = []
+
+    def bad(why: str) -> InputError:
+        return InputError(f"{option} {text!r} {why}: give {lo}..{hi} as a list, a range or a range "
+                          f"with a step, e.g. {example}", option=option)
+
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+)(?:\s*/\s*(\d+))?)?", tok)
+        if m is None:
+            raise bad(f"has {tok!r}, which is not a number or range")
+        a = int(m[1])
+        b = int(m[2]) if m[2] is not None else a
+        step = int(m[3]) if m[3] is not None else 1
+        for v in (a, b):
+            if not lo <= v <= hi:
+                raise bad(f"is out of range ({v})")
+        if b < a:
+            raise bad(f"has the range {tok} running backwards (write it {b}-{a})")
+        if step < 1:
+            raise bad(f"has the step {step} in {tok}")
+        out += [v for v in range(a, b + 1, step) if v not in out]
+    if not out:
+        raise bad("is empty")
+    return tuple(out)
+
+
+#: how a cube is written as COG: "auto" (one multi-band COG within the band limit), "bands", "folder"
+CUBE_LAYOUTS = ("auto", "bands", "folder")
+
+
 def default_imagery() -> str:
     """The imagery of a run that names none: the newest Sentinel-2 cloudless preset."""
     from .imagery.presets import EOX_YEARS
@@ -162,6 +213,12 @@ class MapConfig:
     extra_tags: dict = field(default_factory=dict)
     #: fsspec storage options for a remote ``store`` URL (e.g. S3 ``key``/``secret``/``client_kwargs``)
     store_options: dict = field(default_factory=dict)
+    #: a month x hour cube (issue 13): the months / hours of its axes ("1-12", "0-23/3", [3, 6]);
+    #: None: no such axis (then ``month`` / ``hour`` is the one value, or masked)
+    months: Sequence[int] | str | None = None
+    hours: Sequence[int] | str | None = None
+    #: COG layout of a cube: one multi-band file ("bands", "auto" within the limit) or "folder"
+    cube_layout: str = "auto"
 
     def validate(self) -> "MapConfig":
         """Cheap checks of every value, before the model loads; normalises the numbers in place."""
@@ -173,8 +230,25 @@ class MapConfig:
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
         self.min_valid = check_fraction("min_valid", self.min_valid)
-        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        self.check_time()
         return self
+
+    @property
+    def is_cube(self) -> bool:
+        """Whether this run makes a month x hour cube (``months`` or ``hours`` given)."""
+        return self.months is not None or self.hours is not None
+
+    def check_time(self) -> None:
+        """Month, hour and the cube's axes in range; one value or an axis per item, not both."""
+        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        self.months, self.hours = check_months(self.months), check_hours(self.hours)
+        for one, many in (("month", "months"), ("hour", "hours")):
+            if getattr(self, one) is not None and getattr(self, many) is not None:
+                raise InputError(f"both --{one} and --{many} given: --{one} makes one map, --{many} a cube "
+                                 f"axis; give one of them", option=many)
+        if str(self.cube_layout) not in CUBE_LAYOUTS:
+            raise InputError(f"cube layout {self.cube_layout!r} is unknown: use {', '.join(CUBE_LAYOUTS)}",
+                             option="cube_layout")
 
     def check_output_name(self) -> None:
         """The output name must end as the format writes it (a COG named .png or .zarr misleads)."""

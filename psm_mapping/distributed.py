@@ -377,11 +377,17 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
         tags = dict(prep.tags)
         if fault_pixels:
             tags["imagery_faults"] = fault_message(fault_pixels)
-        maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
-                                storage_options=cfg.store_options)
-        result = build_map_result(maps, store, tags, prep.region, score=cfg.score)
-        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
-                                overwrite=cfg.overwrite)  # dask bands: the dask writers
+        if cfg.is_cube:  # a month x hour cube: fusion re-runs from the filled store, here
+            from .cube import cube_maps, write_cube
+
+            outputs = write_cube(cube_maps(store, prep.queries, prep.model, prep.md, prep.cfg), grid, tags,
+                                 prep.region, prep.cfg)
+        else:
+            maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
+                                    storage_options=cfg.store_options)
+            result = build_map_result(maps, store, tags, prep.region, score=cfg.score)
+            outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
+                                    overwrite=cfg.overwrite)  # dask bands: the dask writers
         t_end = time.perf_counter()
     computed = [s for s in stats if not s.skipped]
     faults = sum(s.faults for s in computed)

@@ -286,6 +286,10 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
     # model, tokenizer and query files next: their errors come before any long work
     model, ckpt, device = load_model(cfg)
+    if cfg.is_cube:  # a month x hour cube: refused here if the model cannot make it
+        from .cube import check_cube_run
+
+        check_cube_run(cfg, model.config, md)
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
     grid = make_grid(region, stride=cfg.stride, crs=cfg.crs, sat_type=model.config.sat_type,
                      zoom_levels=tuple(cfg.zoom_levels), max_pixels=cfg.max_pixels)
@@ -355,7 +359,12 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
             t_embed = time.perf_counter()
             fault_pixels = check_faults(store, grid, source)
             try:
-                maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
+                if cfg.is_cube:
+                    from .cube import cube_maps
+
+                    maps = cube_maps(store, prep.queries, prep.model, prep.md, cfg)
+                else:
+                    maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
                 break
             except CorruptChunkError as exc:
                 bad = store.find_corrupt_blocks()
@@ -368,9 +377,14 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     tags = dict(prep.tags)
     if fault_pixels:
         tags["imagery_faults"] = fault_message(fault_pixels)
-    result = build_map_result(maps, grid, tags, prep.region, score=cfg.score)
-    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
-                            progress=cfg.progress)
+    if cfg.is_cube:
+        from .cube import write_cube
+
+        outputs = write_cube(maps, grid, tags, prep.region, cfg)
+    else:
+        result = build_map_result(maps, grid, tags, prep.region, score=cfg.score)
+        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
+                                progress=cfg.progress)
     t_end = time.perf_counter()
     return MapRun.from_timings(
         outputs, prep.store_url, prep.t_start,
@@ -405,6 +419,7 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     t0 = time.perf_counter()
     cfg.check_output_name()
     cfg.month, cfg.hour = check_month(cfg.month), check_hour(cfg.hour)
+    cfg.check_time()
     if cfg.offline:
         set_offline()
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
@@ -419,19 +434,34 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
         raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "
                          f"(sha256 {sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
+    if cfg.is_cube:
+        from .cube import check_cube_run
+
+        check_cube_run(cfg, model.config, md, zooms=len(store.spec.zoom_levels))
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
     t1 = time.perf_counter()
-    maps = query_store(store, queries, model=model, metadata=md)
+    if cfg.is_cube:
+        from .cube import cube_maps
+
+        maps = cube_maps(store, queries, model, md, cfg)
+    else:
+        maps = query_store(store, queries, model=model, metadata=md)
     prov.update(metadata_tags(model, md))
     fault_pixels = int((store.status() == FAULT).sum())
     if fault_pixels:  # holes from failed reads: the map says so (the map run retries them)
         prov["imagery_faults"] = fault_message(fault_pixels).replace(
             "rerun the same command", "rerun the map command that built the store")
-    result = build_map_result(maps, store, prov, None, score=cfg.score)
-    outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
-                            progress=cfg.progress)
+    if cfg.is_cube:
+        from .cube import write_cube
+
+        outputs = write_cube(maps, store, prov, None, cfg)
+    else:
+        result = build_map_result(maps, store, prov, None, score=cfg.score)
+        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
+                                progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
+    first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
     return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
-                               pixels=int(np.isfinite(maps.similarity[0][0]).sum()), blocks_total=int(done.sum()),
+                               pixels=int(np.isfinite(first).sum()), blocks_total=int(done.sum()),
                                fault_pixels=fault_pixels)

@@ -24,6 +24,12 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", action="store_true", help="combine each text with each audio as one query")
     p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 (default: masked)")
     p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 (default: masked)")
+    p.add_argument("--months", metavar="LIST", help="a month x hour cube over these months: 3,6,9 or 1-12 or "
+                                                    "1-12/3 (Zarr, COG or a COG folder; --month: one map)")
+    p.add_argument("--hours", metavar="LIST", help="a cube over these hours: 6,12,18 or 0-23 or 0-23/3")
+    p.add_argument("--cube-layout", choices=["auto", "bands", "folder"],
+                   help="a cube as COG: one multi-band file (auto/bands, up to 200 bands) or a folder of one "
+                        "COG per month/hour (folder: --out cube.tif writes cube/)")
     p.add_argument("--audio-source", help="yfcc, iNat, aporee or freesound (default: masked)")
     p.add_argument("--caption-source", help="meta, qwen or pengi (default: masked)")
     p.add_argument("--no-fusion", action="store_true", help="skip metadata fusion (the authors' maps)")
@@ -217,6 +223,9 @@ def _find_checkpoint_first(cfg) -> None:
 def cmd_query(argv: list[str]) -> int:
     p = ArgumentParser(prog="psm-map query", description="Maps from an existing embedding store.")
     p.add_argument("store", help="the .zarr store a previous run wrote")
+    p.add_argument("--point", metavar="LON,LAT", help="the month x hour profile of one place: --out *.csv and "
+                                                      "a heatmap <out>.heatmap.png (every month and hour unless "
+                                                      "--months/--hours say)")
     add_query_args(p)
     a = p.parse_args(argv)
     from ..config import MapConfig
@@ -224,6 +233,8 @@ def cmd_query(argv: list[str]) -> int:
 
     kw = _given(a, {})
     kw.pop("store", None)  # the store to read, not a store root
+    if a.point is not None:
+        return _profile(a, kw)
     kw.setdefault("out", "psm-query.tif")
     cfg = MapConfig(**kw, format=format_for(kw["out"], a.format))
     if a.offline:
@@ -235,4 +246,25 @@ def cmd_query(argv: list[str]) -> int:
     run = map_from_store(a.store, cfg)
     if not a.quiet:
         print(run.summary(), file=sys.stderr)
+    return 0
+
+
+def _profile(a: argparse.Namespace, kw: dict) -> int:
+    """``psm-map query STORE --point LON,LAT``: one place's month x hour profile (CSV + heatmap)."""
+    from ..config import MapConfig
+    from ..cube import profile_from_store
+
+    kw.setdefault("out", "psm-profile.csv")
+    cfg = MapConfig(**kw, format="cog")
+    if a.offline:
+        from ..offline import set_offline
+
+        set_offline()
+    prof, files = profile_from_store(a.store, cfg, a.point)
+    if not a.quiet:
+        print(f"profile at {prof.lon:g},{prof.lat:g} (store pixel row {prof.row}, column {prof.col}): "
+              f"{len(prof.axes)} settings x {len(prof.zoom_levels)} zooms x {len(prof.queries)} queries",
+              file=sys.stderr)
+        for k, v in files.items():
+            print(f"{k}: {v}", file=sys.stderr)
     return 0

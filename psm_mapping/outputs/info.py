@@ -124,8 +124,8 @@ def _zarr_info(path: str) -> MapInfo:
     except Exception as exc:  # zarr raises many kinds
         raise InputError(f"cannot read Zarr map {path} ({exc}): give a map written by psm-map") from None
     with ds:
-        variables = json.loads(ds.attrs.get("band_variables", "null")) or [
-            v for v in ds.data_vars if set(ds[v].dims) == {"y", "x"}]
+        variables = json.loads(ds.attrs.get("band_variables", "null")) or json.loads(
+            ds.attrs.get("cube_variables", "null")) or [v for v in ds.data_vars if set(ds[v].dims) == {"y", "x"}]
         bands = []
         for i, v in enumerate(variables, 1):
             a = ds[v].attrs
@@ -134,6 +134,8 @@ def _zarr_info(path: str) -> MapInfo:
             for k in ("kind", "query", "zoom"):
                 if k in a:
                     b[k] = a[k]
+            if ds[v].ndim > 2:  # a month x hour cube's variable
+                b["dims"] = dict(ds[v].sizes)
             bands.append(b)
         rcrs = ds.rio.crs
         crs = CRS.from_wkt(rcrs.to_wkt()) if rcrs else None

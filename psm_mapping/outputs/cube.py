@@ -1,0 +1,435 @@
+"""Month x hour cubes as outputs: Zarr (the cube's natural home), COG (one multi-band file, or a
+folder of one COG per setting), previews (``cube_preview``) and a STAC Item, staged together.
+
+**Zarr**: per query a variable ``similarity_<query>`` (and ``score_<query>`` with ``--score``),
+and ``uncertainty``, each float32 with dims ``(month, hour, zoom, y, x)`` (an axis the cube does
+not have is left out). Coordinates: ``month`` (1..12, with ``month_name``), ``hour`` (0..23,
+with ``hour_label`` ``"14:00"``), ``zoom`` (the chip-size multiplier), ``x``/``y`` (pixel
+centres); the CRS in ``spatial_ref`` as rioxarray writes it, so
+``xr.open_zarr(p).sel(month=5, hour=14, zoom=1)`` is the single-setting map's band.
+
+Chunks: ``(1 month, every hour, 1 zoom, T, T)`` with ``T`` the multiple of 16 that makes a chunk
+about 1 MiB (``T`` = 96 for 24 hours, 512 at most, the grid's size at least). So one (month,
+hour) slice reads one month's chunks (24 hours at once: 24x the bytes of the slice, but one
+chunk per tile, no small reads), and one pixel's whole profile reads one chunk per month and
+zoom (12 x ~1 MiB), not one per setting (288). ``ds.chunk(...)`` rechunks for other uses.
+
+**COG**: ``--out cube.tif`` is one COG whose bands are the single-setting map's bands (per query
+and zoom, then uncertainty per zoom) for each setting in turn, descriptions ending
+``"[month 5, hour 14]"``, band tags ``month``/``hour``; past :data:`MAX_COG_BANDS` bands it is
+refused (Zarr, or the folder). ``--cube-layout folder`` writes the folder ``cube/`` (the name
+without ``.tif``) of ``cube_m05_h14.tif`` (``_m05`` / ``_h14`` alone for one axis), each file a
+single-setting map. The STAC Item is ``<out>.stac.json`` and the previews ``<out>.preview/``
+(``<folder>.stac.json``, ``<folder>.preview/`` for the folder)."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import affine
+import numpy as np
+from pyproj import CRS
+
+from ..errors import InputError, OutputError
+from .results import MapBand, MapResult, full_tags, safe_name
+from .staging import Stage, is_local, local_path, raw_bytes, staged_all
+
+#: bands past which one multi-band COG is refused (use Zarr or the folder layout)
+MAX_COG_BANDS = 200
+#: bytes a Zarr chunk aims at
+CHUNK_BYTES = 1 << 20
+CUBE_SOURCE = ("fusion and heads re-run from the pre-fusion z_img of one embedding store, per month/hour "
+               "setting (no image inference)")
+
+
+@dataclass
+class CubeVariable:
+    """One cube variable: ``data`` float32 ``[S, Z, H, W]`` (settings month-major), NaN nodata."""
+
+    name: str  # "similarity:birds chirping", "score:...", "uncertainty"
+    kind: str  # "similarity" | "score" | "uncertainty"
+    description: str
+    data: np.ndarray
+    query: str | None = None
+
+
+@dataclass
+class SettingBand(MapBand):
+    """A band of one cube setting: its band tags also name ``month`` and ``hour``."""
+
+    month: int | None = None
+    hour: int | None = None
+
+    def band_tags(self) -> dict[str, str]:
+        tags = super().band_tags()
+        if self.month is not None:
+            tags["month"] = str(int(self.month))
+        if self.hour is not None:
+            tags["hour"] = str(int(self.hour))
+        return tags
+
+
+@dataclass
+class CubeResult:
+    """A cube on one grid: variables, the axes (``months``/``hours``, None: absent, then
+    ``month``/``hour`` is the fixed value), zooms and georeferencing."""
+
+    variables: list[CubeVariable]
+    months: tuple[int, ...] | None
+    hours: tuple[int, ...] | None
+    month: int | None
+    hour: int | None
+    zoom_levels: tuple[int, ...]
+    crs: CRS
+    transform: affine.Affine
+    tags: dict[str, str] = field(default_factory=dict)
+    region_geojson: dict | None = None
+
+    @property
+    def settings(self) -> list[tuple[int | None, int | None]]:
+        ms = self.months if self.months is not None else (self.month,)
+        hs = self.hours if self.hours is not None else (self.hour,)
+        return [(m, h) for m in ms for h in hs]
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(d for d, v in (("month", self.months), ("hour", self.hours)) if v is not None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.variables[0].data.shape[-2:])  # type: ignore[return-value]
+
+    def setting_text(self, s: int) -> str:
+        """``"month 5, hour 14"`` for setting ``s`` (a fixed item in parentheses is left out)."""
+        m, h = self.settings[s]
+        return ", ".join(t for t, on in ((f"month {m}", self.months is not None),
+                                         (f"hour {h}", self.hours is not None)) if on)
+
+    def setting_stem(self, s: int) -> str:
+        """``"m05_h14"`` (an absent axis left out)."""
+        m, h = self.settings[s]
+        return "_".join(t for t, on in ((f"m{m:02d}" if m is not None else "", self.months is not None),
+                                        (f"h{h:02d}" if h is not None else "", self.hours is not None)) if on)
+
+    def slice_result(self, s: int) -> MapResult:
+        """The single-setting map of setting ``s``: the bands :func:`build_map_result` makes
+        (per query and zoom, similarity then score, then uncertainty per zoom), its tags with
+        that month and hour."""
+        m, h = self.settings[s]
+        axes = (m if self.months is not None else None, h if self.hours is not None else None)
+        bands = []
+        sims = [v for v in self.variables if v.kind != "uncertainty"]
+        by_query: dict[str, list[CubeVariable]] = {}
+        for v in sims:
+            by_query.setdefault(v.query, []).append(v)
+        for q, vs in by_query.items():
+            for k, z in enumerate(self.zoom_levels):
+                for v in vs:
+                    bands.append(SettingBand(f"{v.kind}:{q}:z{z}", v.data[s, k],
+                                             f"{v.description} at zoom {z}", v.kind, q, z, *axes))
+        for v in self.variables:
+            if v.kind == "uncertainty":
+                for k, z in enumerate(self.zoom_levels):
+                    bands.append(SettingBand(f"uncertainty:z{z}", v.data[s, k], f"{v.description} at zoom {z}",
+                                             "uncertainty", None, z, *axes))
+        tags = dict(self.tags)
+        tags.update(cube_tags(self))
+        tags.update({"month": "" if m is None else str(m), "hour": "" if h is None else str(h),
+                     "metadata": _with_setting(tags.get("metadata", ""), m, h)})
+        return MapResult(bands, self.crs, self.transform, tags, self.region_geojson)
+
+
+def _with_setting(metadata: str, month, hour) -> str:
+    """The ``metadata`` tag (``"month=5, fuse=True"``) with this setting's month and hour."""
+    items = [p for p in (x.strip() for x in metadata.split(",")) if p and not p.startswith(("month=", "hour="))]
+    if hour is not None:
+        items.insert(0, f"hour={hour}")
+    if month is not None:
+        items.insert(0, f"month={month}")
+    return ", ".join(items)
+
+
+def cube_tags(result: CubeResult) -> dict[str, str]:
+    """The provenance a cube adds: which months and hours, and how they were made."""
+    return {"cube_dims": ",".join(result.dims),
+            "cube_months": ",".join(str(m) for m in result.months) if result.months is not None else "",
+            "cube_hours": ",".join(str(h) for h in result.hours) if result.hours is not None else "",
+            "cube_settings": str(len(result.settings)), "cube_source": CUBE_SOURCE}
+
+
+def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool = False) -> CubeResult:
+    """Variables of a :class:`~psm_mapping.cube.QueryCube`, NaN outside the region (a grid's
+    ``mask``). ``score``: similarity rescaled to 0..1 per zoom over the whole cube (one scale
+    across settings, so changes between settings stay visible)."""
+    if hasattr(grid_or_store, "mask") and hasattr(grid_or_store, "transform"):
+        crs, transform, mask = grid_or_store.crs, grid_or_store.transform, grid_or_store.mask
+    else:
+        spec = grid_or_store.spec
+        crs, transform, mask = CRS.from_wkt(spec.crs_wkt), affine.Affine(*spec.transform), None
+
+    def masked(a):
+        a = np.asarray(a, np.float32)
+        return a if mask is None else np.where(mask, a, np.nan).astype(np.float32)
+
+    probabilistic = any(q.embedding.logvar is not None for q in cube.queries)
+    what = "similarity (negative csd)" if probabilistic else "similarity (cosine)"
+    variables = []
+    for q, sim in zip(cube.queries, cube.similarity):
+        data = masked(sim)
+        variables.append(CubeVariable(f"similarity:{q.label}", "similarity",
+                                      f"{what} to {q.kind} query '{q.label}'", data, q.label))
+        if score:
+            with np.errstate(all="ignore"):
+                lo = np.nanmin(data, axis=(0, 2, 3), keepdims=True)
+                hi = np.nanmax(data, axis=(0, 2, 3), keepdims=True)
+            sc = ((data - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
+            variables.append(CubeVariable(f"score:{q.label}", "score", f"0-1 score for '{q.label}' (one scale "
+                                          "over the cube)", sc, q.label))
+    if probabilistic:
+        variables.append(CubeVariable("uncertainty", "uncertainty", "image embedding uncertainty (std norm)",
+                                      masked(cube.uncertainty)))
+    t = {str(k): str(v) for k, v in tags.items()}
+    t["queries"] = " | ".join(f"{q.kind}:{q.label}" for q in cube.queries)
+    geojson = None
+    if region is not None:
+        from shapely.geometry import mapping
+
+        geojson = mapping(region.geometry)
+    ax = cube.axes
+    return CubeResult(variables, ax.months, ax.hours, ax.month, ax.hour, tuple(cube.zoom_levels),
+                      CRS.from_user_input(crs), transform, t, geojson)
+
+
+# --------------------------------------------------------------------------- Zarr
+def cube_chunks(result: CubeResult) -> dict[str, int]:
+    """Chunk sizes per dim (see the module docstring): 1 month, every hour, 1 zoom, ``T x T``."""
+    h, w = result.shape
+    inner = len(result.hours) if result.hours is not None else (len(result.months) if result.months else 1)
+    tile = int(np.sqrt(CHUNK_BYTES / (4 * inner))) // 16 * 16
+    tile = max(32, min(512, tile))
+    out = {"zoom": 1, "y": min(h, tile), "x": min(w, tile)}
+    if result.months is not None:
+        out["month"] = 1 if result.hours is not None else len(result.months)
+    if result.hours is not None:
+        out["hour"] = len(result.hours)
+    return out
+
+
+def cube_dataset(result: CubeResult):
+    """The xarray Dataset of a cube (see the module docstring)."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
+
+    h, w = result.shape
+    t = result.transform
+    dims = (*result.dims, "zoom", "y", "x")
+    shape = (*(len(v) for v in (result.months, result.hours) if v is not None), len(result.zoom_levels), h, w)
+    coords: dict[str, Any] = {"x": ("x", t.c + (np.arange(w) + 0.5) * t.a),
+                              "y": ("y", t.f + (np.arange(h) + 0.5) * t.e),
+                              "zoom": ("zoom", np.asarray(result.zoom_levels, np.int32))}
+    if result.months is not None:
+        from ..cube import MONTH_NAMES
+
+        coords["month"] = ("month", np.asarray(result.months, np.int32))
+        coords["month_name"] = ("month", np.asarray([MONTH_NAMES[m - 1] for m in result.months]))
+    if result.hours is not None:
+        coords["hour"] = ("hour", np.asarray(result.hours, np.int32))
+        coords["hour_label"] = ("hour", np.asarray([f"{hh:02d}:00" for hh in result.hours]))
+    taken: set[str] = {"month", "hour", "zoom", "month_name", "hour_label"}
+    data_vars = {}
+    for v in result.variables:
+        var = "uncertainty" if v.kind == "uncertainty" else safe_name(v.name, taken)
+        attrs = {"band_name": v.name, "description": v.description, "long_name": v.description, "kind": v.kind}
+        if v.query is not None:
+            attrs["query"] = str(v.query)
+        data_vars[var] = xr.DataArray(np.asarray(v.data, np.float32).reshape(shape), dims=dims, attrs=attrs)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.x.attrs.update({"axis": "X", "standard_name": "projection_x_coordinate", "units": "m",
+                       "long_name": "x coordinate of pixel centre"})
+    ds.y.attrs.update({"axis": "Y", "standard_name": "projection_y_coordinate", "units": "m",
+                       "long_name": "y coordinate of pixel centre"})
+    ds.zoom.attrs.update({"long_name": "zoom level (chip size = zoom x base tile)", "units": "1"})
+    if "month" in ds.coords:
+        ds.month.attrs.update({"long_name": "month of the year (fusion metadata)", "units": "1",
+                               "valid_range": [1, 12]})
+    if "hour" in ds.coords:
+        ds.hour.attrs.update({"long_name": "hour of the day (fusion metadata)", "units": "h",
+                              "valid_range": [0, 23]})
+    crs = CRS.from_user_input(result.crs)
+    ds = ds.rio.write_crs(crs.to_wkt(), grid_mapping_name="spatial_ref")
+    ds = ds.rio.write_transform(t, grid_mapping_name="spatial_ref")
+    ds = ds.rio.write_coordinate_system()
+    tags = full_tags(_as_map(result))
+    tags.update(cube_tags(result))
+    ds.attrs.update(tags)
+    ds.attrs["cube_variables"] = json.dumps(list(data_vars))
+    ds.attrs["Conventions"] = "CF-1.8"
+    ch = cube_chunks(result)
+    for var in data_vars:
+        ds[var].encoding.update({"grid_mapping": "spatial_ref", "coordinates": "spatial_ref",
+                                 "_FillValue": np.float32("nan"), "chunks": tuple(ch[d] for d in dims)})
+        ds[var].attrs["_CRS"] = {"wkt": crs.to_wkt()}
+    return ds
+
+
+def _as_map(result: CubeResult) -> MapResult:
+    """A MapResult with the cube's tags and georeferencing (for the shared tag helpers)."""
+    bands = [MapBand(v.name, v.data[0, 0], v.description, v.kind, v.query) for v in result.variables]
+    return MapResult(bands, result.crs, result.transform, dict(result.tags), result.region_geojson)
+
+
+# --------------------------------------------------------------------------- COG
+def cog_band_count(result: CubeResult) -> int:
+    return len(result.settings) * len(result.zoom_levels) * len(result.variables)
+
+
+def check_cog_layout(result: CubeResult, layout: str) -> str:
+    """"bands" or "folder" for ``layout`` ("auto", "bands", "folder"); past the band limit a
+    multi-band COG is refused with what to do instead."""
+    return check_band_limit(len(result.settings), len(result.zoom_levels), len(result.variables), layout)
+
+
+def check_band_limit(settings: int, zooms: int, variables: int, layout: str) -> str:
+    """:func:`check_cog_layout` from the counts (the drivers call it before any work)."""
+    n = settings * zooms * variables
+    if layout == "folder":
+        return "folder"
+    if n > MAX_COG_BANDS:
+        raise OutputError(f"this cube makes {n} COG bands ({settings} settings x {zooms} zooms x {variables} "
+                          f"variables), over the limit of {MAX_COG_BANDS} for one file: write --out NAME.zarr (the "
+                          "cube's natural home) or pass --cube-layout folder (one COG per month/hour)",
+                          option="cube_layout")
+    return "bands"
+
+
+def bands_result(result: CubeResult) -> MapResult:
+    """All settings' single-setting bands in one MapResult, descriptions and names naming the setting."""
+    bands = []
+    for s in range(len(result.settings)):
+        label = result.setting_text(s)
+        for b in result.slice_result(s).bands:
+            bands.append(dataclasses.replace(b, name=f"{b.name}:{result.setting_stem(s)}",
+                                             description=f"{b.description} [{label}]"))
+    tags = dict(result.tags)
+    tags.update(cube_tags(result))
+    return MapResult(bands, result.crs, result.transform, tags, result.region_geojson)
+
+
+def folder_for(out: str | os.PathLike) -> Path:
+    """``cube.tif`` -> the folder ``cube/`` of the folder layout."""
+    p = local_path(out)
+    return p.with_suffix("") if p.suffix.lower() in (".tif", ".tiff") else p
+
+
+def folder_file(folder: Path, result: CubeResult, s: int) -> str:
+    return f"{folder.name}_{result.setting_stem(s)}.tif"
+
+
+# --------------------------------------------------------------------------- all outputs
+def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "zarr", layout: str = "auto",
+                       previews: bool = True, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Write the cube (Zarr, one COG, or a folder of COGs), its STAC Item and its previews, all
+    staged and swapped into place together. Returns ``{"map": ..., "stac": ..., "previews":
+    [...], "html": ...}`` (``"files"``: the folder's COGs)."""
+    from . import cube_preview
+    from .cog import write_cog_file
+    from .stac import stac_path
+    from .write import default_preview_dir
+    from .zarr import to_zarr
+
+    fmt = str(fmt).lower()
+    if not is_local(out):
+        raise OutputError(f"cube output {out} is not a local path: write it locally, then upload", option="out")
+    if fmt not in ("zarr", "cog"):
+        raise InputError(f"output format {fmt!r} is unknown: use --format cog or --format zarr", option="format")
+    layout = check_cog_layout(result, layout) if fmt == "cog" else "zarr"
+    target = folder_for(out) if layout == "folder" else local_path(out)
+    stages = [Stage(target, overwrite), Stage(stac_path(target), overwrite)]
+    prev = Stage(default_preview_dir(target), overwrite) if previews else None
+    if prev is not None:
+        stages.append(prev)
+    files: list[str] = []
+    names: list[str] = []
+    arrays = [v.data for v in result.variables]
+
+    def write() -> None:
+        tmp = stages[0].tmp
+        if layout == "zarr":
+            to_zarr(cube_dataset(result), str(tmp))
+        elif layout == "bands":
+            mr = bands_result(result)
+            write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp)
+        else:
+            tmp.mkdir()
+            for s in range(len(result.settings)):
+                mr = result.slice_result(s)
+                name = folder_file(target, result, s)
+                write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp / name)
+                files.append(name)
+        stages[1].tmp.write_text(cube_item_json(result, target, layout, files), encoding="utf-8")
+        if prev is not None:
+            names.extend(cube_preview.write_cube_previews(result, prev.tmp, progress))
+
+    staged_all(stages, write, need_bytes=raw_bytes(arrays) * (2 if layout != "zarr" else 1))
+    outputs: dict[str, Any] = {"map": stages[0].dst, "stac": stages[1].dst}
+    if files:
+        outputs["files"] = [stages[0].dst / f for f in files]
+    if prev is not None:
+        outputs["previews"] = [prev.dst / n for n in names if not n.endswith(".html")]
+        outputs["html"] = prev.dst / "index.html"
+    return outputs
+
+
+# --------------------------------------------------------------------------- STAC
+def cube_item_json(result: CubeResult, target: Path, layout: str, files: list[str]) -> str:
+    """The STAC Item of a cube: valid area, ``proj``, ``psm:*`` provenance plus ``psm:cube``
+    (dims, months, hours, how they were made), one ``data`` asset (Zarr, COG) or one asset per
+    file of the folder (keyed by ``m05_h14``)."""
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from shapely.geometry import box, mapping, shape
+
+    from .results import lonlat_bounds
+    from .stac import PROVENANCE, _valid_geometry, item_json
+
+    tags = full_tags(_as_map(result))
+    tags.update(cube_tags(result))
+    valid = np.zeros(result.shape, bool)
+    for v in result.variables:
+        valid |= np.isfinite(v.data).any(axis=(0, 1))
+    geometry = _valid_geometry(valid, result.transform, result.crs) or mapping(
+        box(*lonlat_bounds(result.crs, _as_map(result).bounds())))
+    try:
+        created = _dt.datetime.fromisoformat(tags["created"])
+    except (KeyError, ValueError):
+        created = _dt.datetime.now(_dt.timezone.utc)
+    props = {f"psm:{k}": tags[k] for k in PROVENANCE if k in tags}
+    props["psm:queries"] = sorted({v.query for v in result.variables if v.query is not None})
+    props["psm:cube"] = {"dims": [*result.dims, "zoom", "y", "x"], "months": list(result.months or []),
+                         "hours": list(result.hours or []), "fixed_month": result.month, "fixed_hour": result.hour,
+                         "settings": len(result.settings), "source": CUBE_SOURCE, "layout": layout}
+    props["psm:variables"] = [v.name for v in result.variables]
+    props["psm:tags"] = {k: v for k, v in tags.items() if k not in PROVENANCE}
+    name = target.name
+    item = pystac.Item(id=name, geometry=geometry, bbox=list(shape(geometry).bounds), datetime=created,
+                       properties=props)
+    item.common_metadata.created = created
+    if layout == "folder":
+        for s, f in enumerate(files):
+            item.add_asset(result.setting_stem(s), pystac.Asset(
+                href=f"./{name}/{f}", media_type=pystac.MediaType.COG, roles=["data"],
+                title=f"soundscape map, {result.setting_text(s)}"))
+    else:
+        media = pystac.MediaType.COG if layout == "bands" else "application/vnd+zarr"
+        item.add_asset("data", pystac.Asset(href=f"./{name}", media_type=media, roles=["data"],
+                                            title=f"soundscape cube ({'COG' if layout == 'bands' else 'Zarr'})"))
+    epsg = result.crs.to_epsg()
+    ProjectionExtension.ext(item, add_if_missing=True).apply(
+        epsg=epsg, wkt2=None if epsg else result.crs.to_wkt("WKT2_2019"), shape=list(result.shape),
+        transform=list(result.transform)[:6])
+    return item_json(item)
