@@ -136,6 +136,7 @@ def _coverage(m: MapBands, zones_in_map_crs) -> tuple[np.ndarray, np.ndarray, np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         df = exact_extract(rast, vec, ["cell_id", "coverage"], include_cols=["psm_fid"], output="pandas")
+    df = df.iloc[np.argsort(df["psm_fid"].to_numpy(), kind="stable")]
     fid = df["psm_fid"].to_numpy()
     cells = [np.asarray(c, np.int64) for c in df["cell_id"]]
     covs = [np.asarray(c, np.float64) for c in df["coverage"]]
@@ -144,23 +145,30 @@ def _coverage(m: MapBands, zones_in_map_crs) -> tuple[np.ndarray, np.ndarray, np
             np.concatenate(covs) if covs else np.zeros(0))
 
 
-def weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
-    """Quantile ``q`` of sorted values ``x`` with weights ``w`` (exactextract's definition; equal
+def weighted_quantiles(x: np.ndarray, w: np.ndarray, qs) -> np.ndarray:
+    """Quantiles ``qs`` of sorted values ``x`` with weights ``w`` (exactextract's definition; equal
     weights give NumPy's default linear quantile)."""
+    qs = np.asarray(qs, np.float64)
     n = len(x)
     if n == 0:
-        return float("nan")
+        return np.full(len(qs), np.nan)
     if n == 1:
-        return float(x[0])
+        return np.full(len(qs), float(x[0]))
     cum = np.cumsum(w) - w
     s = np.arange(n) * w + (n - 1) * cum
-    target = q * (n - 1) * w.sum()
-    i = int(np.searchsorted(s, target, side="right")) - 1
-    if i >= n - 1:
-        return float(x[-1])
-    i = max(i, 0)
-    d = s[i + 1] - s[i]
-    return float(x[i] + (x[i + 1] - x[i]) * ((target - s[i]) / d if d > 0 else 0.0))
+    target = qs * (n - 1) * (cum[-1] + w[-1])
+    i = np.clip(np.searchsorted(s, target, side="right") - 1, 0, n - 1)
+    j = np.minimum(i + 1, n - 1)
+    d = s[j] - s[i]
+    frac = np.where(d > 0, (target - s[i]) / np.where(d > 0, d, 1.0), 0.0)
+    out = x[i] + (x[j] - x[i]) * frac
+    out[i >= n - 1] = x[-1]
+    return out
+
+
+def weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
+    """One quantile of :func:`weighted_quantiles`."""
+    return float(weighted_quantiles(x, w, [q])[0])
 
 
 def _band_score(m: MapBands, i: int) -> np.ndarray | None:
@@ -188,35 +196,37 @@ def zonal_stats(map_: MapBands | str | os.PathLike, zones, threshold: float = 0.
     m = map_ if isinstance(map_, MapBands) else read_map(map_)
     gdf = zones if isinstance(zones, gpd.GeoDataFrame) else load_zones(zones)
     F = len(gdf)
-    fidx, cells, cov = _coverage(m, gdf.to_crs(m.crs))
+    fidx, cells, cov = _coverage(m, gdf.to_crs(m.crs))  # grouped by feature, in order
+    bounds = np.searchsorted(fidx, np.arange(F + 1), "left")
     t = m.transform
     pixel_area = abs(t.a * t.e - t.b * t.d)
+    qs = list(QUANTILES.values())
     cols: dict[str, np.ndarray] = {}
     for i, name in enumerate(m.names):
         v = m.arrays[i].reshape(-1)[cells].astype(np.float64)
         ok = np.isfinite(v)
-        f, x, w = fidx[ok], v[ok], cov[ok]
-        count = np.bincount(f, weights=w, minlength=F)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.bincount(f, weights=w * x, minlength=F) / count
-        order = np.lexsort((x, f))
-        f, x, w = f[order], x[order], w[order]
-        starts = np.searchsorted(f, np.arange(F), "left")
-        ends = np.searchsorted(f, np.arange(F), "right")
-        res = {s: np.full(F, np.nan) for s in ("min", "max", *QUANTILES)}
-        for j in np.nonzero(ends > starts)[0]:
-            a, b = starts[j], ends[j]
-            res["min"][j], res["max"][j] = x[a], x[b - 1]
-            for s, q in QUANTILES.items():
-                res[s][j] = weighted_quantile(x[a:b], w[a:b], q)
+        w = np.where(ok, cov, 0.0)
+        x0 = np.where(ok, v, 0.0)
+        count = np.bincount(fidx, weights=w, minlength=F)
         empty = count <= 0
-        mean[empty] = np.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(empty, np.nan, np.bincount(fidx, weights=w * x0, minlength=F) / count)
+        res = {s: np.full(F, np.nan) for s in ("min", "max", *QUANTILES)}
+        for j in np.nonzero(~empty)[0]:
+            a, b = bounds[j], bounds[j + 1]
+            sel = ok[a:b]
+            x, ww = v[a:b][sel], cov[a:b][sel]
+            o = np.argsort(x, kind="stable")
+            x, ww = x[o], ww[o]
+            res["min"][j], res["max"][j] = x[0], x[-1]
+            for s, val in zip(QUANTILES, weighted_quantiles(x, ww, qs)):
+                res[s][j] = val
         out = {"count": count, "area": count * pixel_area, "mean": mean, **res}
         score = _band_score(m, i)
         if score is not None:
-            sv = score.reshape(-1)[cells][ok][order]
+            above = score.reshape(-1)[cells] > threshold  # NaN: not above
             with np.errstate(invalid="ignore", divide="ignore"):
-                frac = np.bincount(f, weights=w * (sv > threshold), minlength=F) / count
+                frac = np.bincount(fidx, weights=w * above, minlength=F) / count
             frac[empty] = np.nan
             out["frac_above"] = frac
         for s in (*STATS, "frac_above"):
