@@ -169,6 +169,8 @@ def score_points(cfg: PointsConfig | None = None, log_fn=print, **kw) -> PointsR
     image_model = ImageModel(model, device, cfg.batch_size)
     with open_source(cfg.imagery, **cfg.imagery_options) as source:
         _warn_imagery_mismatch(source, model.config.sat_type, cfg.zoom_levels)
+        if callable(getattr(source, "prepare", None)):  # searching sources (STAC) find their scenes
+            source.prepare(_sites_bounds(keys, model.config.sat_type, cfg.zoom_levels))
         sha = file_sha256(ckpt)
         spec = PointSpec(coords_sha256=coords_sha256(keys), n_sites=len(keys),
                          zoom_levels=tuple(cfg.zoom_levels), sat_type=model.config.sat_type,
@@ -253,6 +255,18 @@ def score_point_store(store_url: str, cfg: PointsConfig, log_fn=print) -> Points
     t2 = time.perf_counter()
     return PointsRun(table=table, store=store.url, outputs=outputs, sites=len(sites), distinct_sites=len(keys),
                      invalid_sites=invalid, seconds={"setup": t1 - t0, "query": t2 - t1, "total": t2 - t0})
+
+
+def _sites_bounds(keys: np.ndarray, sat_type: str, zoom_levels) -> tuple[float, float, float, float]:
+    """(W, S, E, N) degrees holding every site's largest chip."""
+    from ..constants import footprint_m
+
+    half = footprint_m(sat_type, max(zoom_levels)) / 2
+    dlat = half / 111_000.0
+    dlon = dlat / max(0.05, float(np.cos(np.radians(np.abs(keys[:, 1]).max()))))
+    w, s = keys[:, 0].min() - dlon, keys[:, 1].min() - dlat
+    e, n = keys[:, 0].max() + dlon, keys[:, 1].max() + dlat
+    return (max(-180.0, w), max(-90.0, s), min(180.0, e), min(90.0, n))
 
 
 # --------------------------------------------------------------------------- the table
