@@ -348,7 +348,7 @@ def _bad(capsys, args, out: Path, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("content,needles", [
-    ("key,x,y\na,1,2\n", ("no lon", "--lon-col")),
+    ("key,x,y\na,1,2\n", ("no longitude column", "--lon-col")),
     ("key,lat,lon\na,45,7\nb,45,seven\n", ("not a number", "row 2")),
     ("key,lat,lon\na,45,7\nb,95,7\nc,-91,7\n", ("out of range", "rows 2, 3")),
     ("", ("empty",)),
@@ -372,3 +372,21 @@ def test_bad_layers_and_maps(inp, tmp_path, capsys):
     _bad(capsys, ["zonal", str(inp["scene"]), str(inp["zones"]), "--out", str(out)], out, "not a psm-map output")
     _bad(capsys, ["zonal", str(path), str(inp["zones"]), "--out", str(tmp_path / "o" / "t.xlsx")],
          tmp_path / "o" / "t.xlsx", "*.csv")
+
+
+def test_infonce_sites_use_cosine_like_the_map(inp, centres, ckpt_factory, tmp_path):
+    ckpt = ckpt_factory(sat_type="sentinel", metadata_type="none", probabilistic=False)
+    common = ["--imagery", str(inp["scene"]), "--zoom-level", "1", "--checkpoint", str(ckpt), "--clap-config",
+              str(inp["clap"]), "--tokenizer", str(inp["tokenizer"]), "--device", "cpu", "--quiet", "--query", "birds"]
+    m = tmp_path / "m.tif"
+    assert main([str(inp["region"]), *common, "--stride", f"{STRIDE:g}", "--no-previews", "--out", str(m)]) == 0
+    out = tmp_path / "t.geojson"
+    assert main(["points", str(centres["csv"]), *common, "--out", str(out)]) == 0
+    t = gpd.read_file(out)
+    assert not [c for c in t.columns if c.startswith("uncertainty")]
+    with rasterio.open(m) as src:
+        sim = src.read(1)
+    got = t["similarity:birds:z1"].to_numpy()
+    np.testing.assert_allclose(got, sim[centres["rows"], centres["cols"]], atol=TOL, rtol=0)
+    assert np.all(np.abs(got) <= 1 + 1e-6) and np.ptp(got) > 0
+    assert json.loads(Path(str(out) + ".provenance.json").read_text())["loss_type"] == "infonce"

@@ -302,6 +302,10 @@ def site_metadata(sites: Sites, md) -> dict[str, np.ndarray | None]:
                                    else _option_index(md.caption_source, CAPTION_SOURCES), -1)}
 
 
+#: sites through fusion and heads at a time
+FUSE_ROWS = 8192
+
+
 def fuse_sites(model, z_img: np.ndarray, lon: np.ndarray, lat: np.ndarray, meta: dict, fuse: bool):
     """Fusion and heads per site from float32 ``z_img`` ``[N, D]`` (NaN rows stay NaN): the mean
     as float16 (as the map store keeps it), var sum and uncertainty float32 ``[N]``."""
@@ -316,18 +320,20 @@ def fuse_sites(model, z_img: np.ndarray, lon: np.ndarray, lat: np.ndarray, meta:
     # a source is a per-batch token: group the sites by their (audio, caption) source pair
     pairs = np.stack([meta["audio_source"], meta["caption_source"]], 1)
     for a, c in np.unique(pairs[ok], axis=0) if ok.any() else []:
-        idx = np.nonzero(ok & (pairs[:, 0] == a) & (pairs[:, 1] == c))[0]
-        m = Metadata(lat=lat[idx], lon=lon[idx],
-                     month=month[idx] if (month[idx] > 0).any() else None,
-                     hour=hour[idx] if (hour[idx] >= 0).any() else None,
-                     audio_source=int(a) if a >= 0 else None, caption_source=int(c) if c >= 0 else None)
-        emb = model.embed_image_features(torch.from_numpy(np.ascontiguousarray(z_img[idx])), m, fuse=fuse)
-        mean[idx] = emb.mean.cpu().numpy().astype(np.float16)
-        if emb.logvar is not None:
-            vs[idx] = emb.var_sum().cpu().numpy().astype(np.float32)
-            unc[idx] = emb.uncertainty().cpu().numpy().astype(np.float32)
-        else:
-            vs[idx] = 0.0
+        group = np.nonzero(ok & (pairs[:, 0] == a) & (pairs[:, 1] == c))[0]
+        for s in range(0, len(group), FUSE_ROWS):
+            idx = group[s:s + FUSE_ROWS]
+            m = Metadata(lat=lat[idx], lon=lon[idx],
+                         month=month[idx] if (month[idx] > 0).any() else None,
+                         hour=hour[idx] if (hour[idx] >= 0).any() else None,
+                         audio_source=int(a) if a >= 0 else None, caption_source=int(c) if c >= 0 else None)
+            emb = model.embed_image_features(torch.from_numpy(np.ascontiguousarray(z_img[idx])), m, fuse=fuse)
+            mean[idx] = emb.mean.cpu().numpy().astype(np.float16)
+            if emb.logvar is not None:
+                vs[idx] = emb.var_sum().cpu().numpy().astype(np.float32)
+                unc[idx] = emb.uncertainty().cpu().numpy().astype(np.float32)
+            else:
+                vs[idx] = 0.0
     return mean, vs, unc
 
 

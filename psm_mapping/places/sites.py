@@ -69,7 +69,8 @@ def _find(columns, names, override, what, path) -> str:
     for n in names:
         if n in low:
             return low[n]
-    raise InputError(f"{path} has no {what}itude column (looked for {', '.join(names)}; columns: "
+    full = {"lon": "longitude", "lat": "latitude"}[what]
+    raise InputError(f"{path} has no {full} column (looked for {', '.join(names)}; columns: "
                      f"{', '.join(map(str, columns)) or 'none'}): name it, or pass --{what}-col NAME",
                      option=f"{what}_col")
 
