@@ -390,3 +390,23 @@ def test_infonce_sites_use_cosine_like_the_map(inp, centres, ckpt_factory, tmp_p
     np.testing.assert_allclose(got, sim[centres["rows"], centres["cols"]], atol=TOL, rtol=0)
     assert np.all(np.abs(got) <= 1 + 1e-6) and np.ptp(got) > 0
     assert json.loads(Path(str(out) + ".provenance.json").read_text())["loss_type"] == "infonce"
+
+
+def test_sites_from_a_tile_server(inp, centres, tmp_path):
+    """XYZ imagery as for maps: sites get values, and a map of the same server agrees at its pixels."""
+    from servers import SceneTiles, TileServer
+
+    common = ["--zoom-level", "1", *model_args(inp), "--query", "birds", "--imagery-option", "retries=1",
+              "--store", str(tmp_path / "s")]
+    with TileServer(SceneTiles(inp["scene"])) as srv:
+        xyz = "xyz:" + srv.template()
+        out = tmp_path / "t.csv"
+        assert main(["points", str(centres["csv"]), "--imagery", xyz, *common, "--out", str(out)]) == 0
+        m = tmp_path / "m.tif"
+        assert main([str(inp["region"]), "--imagery", xyz, *common, "--stride", f"{STRIDE:g}", "--no-previews",
+                     "--out", str(m)]) == 0
+    t = pd.read_csv(out)
+    assert t["valid"].all()
+    with rasterio.open(m) as src:
+        sim = src.read(1)
+    np.testing.assert_allclose(t["similarity:birds:z1"], sim[centres["rows"], centres["cols"]], atol=TOL, rtol=0)
