@@ -128,7 +128,8 @@ def test_sites_at_pixel_centres_equal_the_map(mapped, centres, scored):
         assert score.min() == 0 and score.max() == pytest.approx(1)
     assert checked == 12
     prov = read_provenance(scored["out"])
-    assert prov["zoom_levels"] == "1,3,5" and prov["checkpoint_sha256"] and "similarity:<query>:z<zoom>" in prov["columns"]
+    assert prov["zoom_levels"] == "1,3,5" and prov["checkpoint_sha256"]
+    assert "similarity:<query>:z<zoom>" in prov["columns"]
 
 
 def test_sites_in_another_crs_give_the_same_table(inp, centres, scored, tmp_path):
@@ -167,6 +168,7 @@ def test_point_store_reuse_runs_no_image_inference(inp, centres, scored, tmp_pat
     got = gpd.read_file(q)
     np.testing.assert_allclose(got[col], fresh.table[col], atol=1e-5, rtol=0)
     assert read_provenance(q)["point_store"] == str(store)
+    assert main(["info", str(store)]) == 0
 
 
 def test_duplicates_embedded_once_and_invalid_sites_flagged(inp, centres, tmp_path, capsys):

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, DEFAULT_ZOOM_LEVELS
 from ..errors import InputError, StoreError
@@ -309,6 +308,8 @@ FUSE_ROWS = 8192
 def fuse_sites(model, z_img: np.ndarray, lon: np.ndarray, lat: np.ndarray, meta: dict, fuse: bool):
     """Fusion and heads per site from float32 ``z_img`` ``[N, D]`` (NaN rows stay NaN): the mean
     as float16 (as the map store keeps it), var sum and uncertainty float32 ``[N]``."""
+    import torch
+
     from ..model import Metadata
 
     N, D = z_img.shape

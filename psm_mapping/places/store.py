@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from ..store import DONE, FAULT, PENDING  # noqa: F401  (the same status codes)
+from ..store import DONE, FAULT, PENDING  # the map store's status codes
 
 POINT_FORMAT = "psm-mapping-points/1"
 #: sites per Zarr chunk (the unit of resume)
@@ -174,6 +174,12 @@ class PointStore:
         st = self.status()
         z[st != DONE] = np.nan
         return {"z_img": z, "valid": v, "status": st}
+
+    def __repr__(self) -> str:
+        st = self.status()
+        return (f"PointStore({self.url!r}, {self.spec.n_sites:,} distinct sites x zooms "
+                f"{','.join(map(str, self.spec.zoom_levels))}: {int((st == DONE).sum()):,} site-zooms done, "
+                f"{int((st == FAULT).sum()):,} faults)")
 
 
 def _create(path: Path, spec: PointSpec, lonlat: np.ndarray, attrs: dict) -> None:
