@@ -146,6 +146,15 @@ def test_sites_in_another_crs_give_the_same_table(inp, centres, scored, tmp_path
             np.testing.assert_allclose(got[f"similarity:{q}:z{z}"], scored["table"][f"similarity:{q}:z{z}"],
                                        atol=1e-5, rtol=0)
     assert read_provenance(out)["queries"].startswith("text:")
+    # a GeoParquet in the map's UTM zone, through the library
+    gp = tmp_path / "sites_utm.parquet"
+    pts.to_crs(UTM).to_parquet(gp)
+    run = score_points(PointsConfig(sites=str(gp), imagery=str(inp["scene"]), checkpoint=str(inp["ckpt"]),
+                                    clap_config=str(inp["clap"]), tokenizer=str(inp["tokenizer"]), zoom_levels=(5,),
+                                    queries=[QUERIES[1]], device="cpu", progress=False, store=str(tmp_path / "s")),
+                       log_fn=lambda *a: None)
+    np.testing.assert_allclose(run.table[f"similarity:{QUERIES[1]}:z5"], scored["table"][f"similarity:{QUERIES[1]}:z5"],
+                               atol=1e-5, rtol=0)
 
 
 def test_point_store_reuse_runs_no_image_inference(inp, centres, scored, tmp_path):
