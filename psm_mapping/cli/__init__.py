@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "weights": "weights:cmd_weights",
     "convert": "convert:cmd_convert",
     "serve": "serve:cmd_serve",
+    "points": "places:cmd_points",
+    "zonal": "places:cmd_zonal",
     "train": "train:cmd_train",
     "evaluate": "train:cmd_evaluate",
     "build-shards": "train:cmd_build_shards",

@@ -17,6 +17,16 @@ def cmd_info(argv: list[str]) -> int:
         for k, v in verify(path).items():
             print(f"{k}: {v}")
         return 0
+    from ..places.store import is_point_store
+
+    if is_point_store(path):
+        from ..places import PointStore
+
+        st = PointStore.open(path)
+        print(repr(st))
+        for k, v in st.attrs.get("provenance", {}).items():
+            print(f"  {k}: {v}")
+        return 0
     if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
         import zarr
 

@@ -56,7 +56,7 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
 def map_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="psm-map",
-        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, info, "
+        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, info, "
                     "weights, convert, evaluate, build-shards, train (psm-map SUBCOMMAND -h).")
     p.add_argument("region", nargs="?", help="region file (GeoJSON, GPKG, Shapefile, ...)")
     p.add_argument("--bbox", help="W,S,E,N in degrees instead of a region file")
@@ -78,6 +78,8 @@ def map_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="address of an existing dask scheduler")
     p.add_argument("--config", help="pipeline preset YAML (see pipelines/)")
     p.add_argument("--demo", action="store_true", help="run the built-in offline demo")
+    p.add_argument("--zones", help="polygon file: also write per-zone statistics beside the map "
+                                   "(<out>.zonal.csv, as psm-map zonal)")
     add_query_args(p)
     return p
 
@@ -171,6 +173,10 @@ def cmd_map(argv: list[str]) -> int:
         from ..offline import set_offline
 
         set_offline()
+    if a.zones:  # a bad zones file is refused before any work
+        from ..places.zonal import check_zones_out
+
+        zones_out = check_zones_out(a.zones, cfg.out, cfg.overwrite)
     _find_checkpoint_first(cfg)
     if a.workers or a.scheduler:
         from ..distributed import map_region_distributed
@@ -181,6 +187,10 @@ def cmd_map(argv: list[str]) -> int:
 
         run = map_region(cfg, log_fn=say)
     say(run.summary())
+    if a.zones:
+        from ..places import write_zonal
+
+        say(f"zonal: {write_zonal(cfg.out, a.zones, zones_out, overwrite=cfg.overwrite)['table']}")
     if a.quiet and run.fault_pixels:  # a map with holes says so, quiet or not
         from ..run import fault_message
 
@@ -227,6 +237,12 @@ def cmd_query(argv: list[str]) -> int:
                                                       "a heatmap <out>.heatmap.png (every month and hour unless "
                                                       "--months/--hours say)")
     add_query_args(p)
+    from ..places.store import is_point_store
+
+    if any(is_point_store(x) for x in argv if not x.startswith("-")):  # a table by --out suffix
+        from .places import cmd_query_points
+
+        return cmd_query_points(argv)
     a = p.parse_args(argv)
     from ..config import MapConfig
     from ..outputs.results import format_for
