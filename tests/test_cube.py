@@ -87,7 +87,7 @@ def test_months_hours_parsing():
     cfg = MapConfig(region="r.geojson", queries=["x"], months="1-12/6", hours=[0, 12]).validate()
     assert cfg.is_cube and cfg.months == (1, 7) and cfg.hours == (0, 12)
     assert not MapConfig(queries=["x"]).validate().is_cube
-    with pytest.raises(InputError, match="both --month and --months"):
+    with pytest.raises(InputError, match="both month and months"):
         MapConfig(queries=["x"], month=5, months="3").validate()
 
 

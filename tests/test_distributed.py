@@ -261,8 +261,8 @@ def test_query_store_dask_matches_local(inputs, reference, client):
 def test_needs_exactly_one_cluster_choice(inputs, tmp_path):
     from psm_mapping.errors import InputError
 
-    with pytest.raises(InputError, match="one of --workers"):
+    with pytest.raises(InputError, match="one of workers"):
         map_region_distributed(_cfg(inputs, tmp_path), log_fn=lambda *a: None)
-    with pytest.raises(InputError, match="one of --workers"):
+    with pytest.raises(InputError, match="one of workers"):
         map_region_distributed(_cfg(inputs, tmp_path), workers=2, scheduler="tcp://127.0.0.1:1",
                                log_fn=lambda *a: None)

@@ -100,7 +100,7 @@ def test_estimate_and_limits():
     est = g.estimate()
     assert est.pixels == g.pixel_count and est.chips == 2 * g.pixel_count
     assert "chips" in str(est) and "GPU" in str(est)
-    with pytest.raises(InputError, match="--max-pixels"):
+    with pytest.raises(InputError, match="max_pixels"):
         make_grid(r, stride=500, max_pixels=100)
     for bad in (0, -5):
         with pytest.raises(InputError, match="stride"):

@@ -59,7 +59,7 @@ def test_empty_text_query_is_an_input_error(model, tokenizer_dir):
 
 
 def test_missing_tokenizer_folder(model, tmp_path):
-    with pytest.raises(TokenizerError, match="--tokenizer") as ei:
+    with pytest.raises(TokenizerError, match="pass tokenizer") as ei:
         model.embed_text_queries(["birds"], tokenizer=tmp_path / "nope")
     assert "not found" in str(ei.value) and "\n" not in str(ei.value)
 
@@ -84,7 +84,7 @@ def test_offline_without_cache_says_pass_tokenizer(model, tmp_path, monkeypatch)
     with pytest.raises(TokenizerError) as ei:
         model.embed_text_queries(["birds chirping"], tokenizer=None)
     msg = str(ei.value)
-    assert "pass --tokenizer" in msg and "offline" in msg and "\n" not in msg
+    assert "pass tokenizer" in msg and "offline" in msg and "\n" not in msg
     assert not any(home.rglob("*roberta*"))  # nothing was downloaded
 
 

@@ -185,7 +185,7 @@ def test_zarr_roundtrip_xarray_rioxarray(tmp_path, where):
         fs = fsspec.filesystem("memory")
         parent = f"/psmtest-{tmp_path.name}"
         assert [p.rsplit("/", 1)[-1] for p in fs.ls(parent, detail=False)] == ["map.zarr"]
-        with pytest.raises(OutputError, match="--overwrite"):
+        with pytest.raises(OutputError, match="pass overwrite"):
             writers.write_zarr(res, url)
         res.bands[0].data[18, 26] = 42.0
         writers.write_zarr(res, url, overwrite=True)
@@ -297,7 +297,7 @@ def test_write_outputs_remote_zarr_with_local_previews(tmp_path):
     assert ds.rio.crs.to_epsg() == 32633
     # the same provenance snapshot in the map and the page
     assert ds.attrs["created"] in got["html"].read_text(encoding="utf-8")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="pass overwrite"):
         writers.write_outputs(res, url, fmt="zarr", previews=False)
     with pytest.raises(OutputError, match="not a local path"):
         writers.write_outputs(res, f"memory://psmtest-{tmp_path.name}/map.tif", fmt="cog")
@@ -316,7 +316,7 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
                  lambda **k: writers.write_zarr(res, zarr_path, **k),
                  lambda **k: writers.write_previews(res, prev, **k),
                  lambda **k: writers.write_outputs(res, tmp_path / "map.tif", **k)):
-        with pytest.raises(OutputError, match=r"exists: pass --overwrite .* another --out"):
+        with pytest.raises(OutputError, match=r"exists: pass overwrite .* another out"):
             call()
     assert (cog.read_bytes(), sorted(os.listdir(zarr_path)), sorted(os.listdir(prev))) == before
     assert listing(tmp_path) == ["map.tif", "map.zarr", "prev"]
@@ -400,9 +400,9 @@ def test_unwritable_output_folder(tmp_path):
     res = make_result()
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
-    with pytest.raises(OutputError, match="choose .*--out"):
+    with pytest.raises(OutputError, match="choose .*out"):
         writers.write_cog(res, blocker / "map.tif")
-    with pytest.raises(OutputError, match="choose .*--out"):
+    with pytest.raises(OutputError, match="choose .*out"):
         writers.write_zarr(res, blocker / "sub" / "map.zarr")
     assert listing(tmp_path) == ["file.txt"]
     if os.geteuid() != 0:  # root writes anywhere

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import PSMError
+from ..errors import PSMError, flag  # noqa: F401  (flag: public here too)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,16 +18,10 @@ def parser(prog: str, description: str) -> ArgumentParser:
     return ArgumentParser(prog=f"psm-map {prog}".strip(), description=description)
 
 
-def flag(option: str) -> str:
-    """The command-line spelling of a library option name (``zoom_levels`` -> ``--zoom-level``)."""
-    return {"zoom_levels": "--zoom-level", "queries": "--query", "fuse": "--no-fusion",
-            "previews": "--no-previews"}.get(option, "--" + option.replace("_", "-"))
-
-
 def error_line(exc: PSMError) -> str:
     """``psm-map: error: ...`` for ``exc``: one line; an error that names its option but not the
     flag gets the flag added."""
-    msg = " ".join(str(exc).split())
+    msg = " ".join(exc.cli_message.split())
     option = getattr(exc, "option", None)
     if option and flag(option) not in msg:
         msg = f"{msg} [{flag(option)}]"

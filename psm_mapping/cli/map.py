@@ -15,7 +15,7 @@ def _zooms(text: str) -> tuple[int, ...]:
     try:
         return check_zoom_levels(text, upper=None)  # the trained range is the library's check
     except PSMError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(exc.cli_message) from None
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
