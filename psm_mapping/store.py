@@ -160,23 +160,9 @@ class EmbeddingStore:
     def _create_local(cls, path: Path, url: str, spec: StoreSpec, attrs: dict | None):
         """Create under a temporary name and rename: a run starting at the same moment either
         sees the whole new store or makes its own and finds this one there (and uses it)."""
-        import shutil
-
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            store = cls(str(tmp), _open_group(str(tmp), "w"), spec)
-            store._create(attrs or {})
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if not path.exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another run was first: use its store
-                return cls.open_or_create(url, spec, attrs)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _os_error(exc, url, "create the embedding store") from None
+        if not create_by_rename(path, lambda tmp: cls(str(tmp), _open_group(str(tmp), "w"), spec)._create(attrs or {}),
+                                "create the embedding store"):
+            return cls.open_or_create(url, spec, attrs)  # another run was first: use its store
         return cls(url, _open_group(url, "r+"), spec)
 
     @classmethod
@@ -365,6 +351,31 @@ def _local_path(url: str) -> Path | None:
 def _old_format(url: str, fmt: str) -> StoreError:
     return StoreError(f"the store {url} was written by an older psm-mapping ({fmt}, this version "
                       f"writes {STORE_FORMAT}): remove it to rebuild it, or pass another --store")
+
+
+def create_by_rename(path: Path, build, what: str) -> bool:
+    """Make a local store by ``build(tmp)`` under a temporary name, then rename it to ``path``:
+    a run starting at the same moment sees either nothing or the whole store. False when
+    another run's store took the name first (this one is removed); I/O errors are one
+    :class:`StoreError` line (:func:`_os_error`) and leave nothing behind."""
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(exc, str(path), what) from None
+    return True
 
 
 def _os_error(exc: OSError, url: str, what: str) -> StoreError:

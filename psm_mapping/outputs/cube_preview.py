@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cube import MONTH_NAMES, setting_label
-from .preview import _asset, _font, block_mean, colorize
+from .preview import _asset, _font, block_mean, colorize, value_range
 from .results import COLORMAPS, safe_name
 
 #: longest side of a frame's raster (block means above it), and the size it is drawn at
@@ -29,16 +29,8 @@ FRAME_MS = 400
 
 
 def cube_range(kind: str, data: np.ndarray) -> tuple[float, float]:
-    """The one colour range of ``data`` (every setting): 2nd..98th percentile; 0..1 for scores."""
-    finite = data[np.isfinite(data)]
-    if kind == "score" or finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(finite, [2, 98]))
-    if not hi > lo:
-        lo, hi = float(finite.min()), float(finite.max())
-        if not hi > lo:
-            lo, hi = lo - 0.5, hi + 0.5
-    return lo, hi
+    """The one colour range of ``data`` (every setting), as the single maps' previews choose it."""
+    return value_range(kind, data)
 
 
 def _raster(arr: np.ndarray, cmap: str, vrange, px: int):

@@ -61,8 +61,13 @@ def colorize(arr: np.ndarray, cmap: str, vrange: tuple[float, float]) -> np.ndar
 
 
 def color_range(band: MapBand, arr: np.ndarray) -> tuple[float, float]:
+    return value_range(band.kind, arr)
+
+
+def value_range(kind: str, arr: np.ndarray) -> tuple[float, float]:
+    """The colour range of ``arr``: 2nd..98th percentile of the finite values; 0..1 for scores."""
     finite = arr[np.isfinite(arr)]
-    if band.kind == "score" or finite.size == 0:
+    if kind == "score" or finite.size == 0:
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(finite, [2, 98]))
     if not hi > lo:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from ..store import DONE, FAULT, PENDING  # the map store's status codes
+from ..store import DONE, FAULT, PENDING, create_by_rename  # the map store's status codes
 
 POINT_FORMAT = "psm-mapping-points/1"
 #: sites per Zarr chunk (the unit of resume)
@@ -113,21 +112,7 @@ class PointStore:
                 raise StoreError(f"the point store {url} was built with other settings: pass another --store "
                                  "folder or remove it")
             return store
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            _create(tmp, spec, lonlat, attrs or {})
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if not path.exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another run was first: use its store
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"cannot create the point store at {url} ({exc.strerror or exc}): pass --store "
-                             "in a folder you can write, with free space") from None
+        create_by_rename(path, lambda tmp: _create(tmp, spec, lonlat, attrs or {}), "create the point store")
         return cls.open(url, "r+")
 
     # -------------------------------------------------------------- content
