@@ -466,6 +466,39 @@ def test_store_streamed_when_over_the_memory_limit(built):
         streamed.close()
 
 
+def test_fault_pixels_are_holes_in_the_explorer(built, tmp_path):
+    """Pixels the store marks FAULT (a failed imagery read) or PENDING are NaN in every raster the
+    explorer computes (held, streamed, re-fused for a month), and only those."""
+    import shutil
+
+    import zarr
+
+    from psm_mapping.serve.engine import Explorer
+    from psm_mapping.store import FAULT, PENDING
+
+    store = tmp_path / built["store"].name
+    shutil.copytree(built["store"], store)
+    st = zarr.open_group(str(store), mode="r+")["status"]
+    status = np.asarray(st[:])
+    status[0, 2, 3] = FAULT
+    status[1, 5, 6] = PENDING
+    st[:] = status
+    inp = built["inp"]
+    kw = dict(checkpoint=str(inp["ckpt"]), clap_config=str(inp["clap"]), tokenizer=str(inp["tokenizer"]))
+    for limit in (1e9, 1e3):
+        ex = Explorer(str(store), memory_limit=limit, **kw)
+        try:
+            for spec in (ex.query_spec("birds"), ex.query_spec("birds", month=5)):
+                for zi in range(len(ZOOMS)):
+                    a = ex.similarity(spec, zi).data
+                    hole = ~np.isfinite(a)
+                    expect = np.zeros_like(hole)
+                    expect[(2, 5)[zi], (3, 6)[zi]] = True
+                    assert (hole == expect).all(), (limit, zi, np.argwhere(hole))
+        finally:
+            ex.close()
+
+
 # ---------------------------------------------------------------------------- the command
 def test_command_binds_localhost_prints_url_and_stops_on_ctrl_c(built, tmp_path):
     import psutil
