@@ -155,6 +155,9 @@ class MapConfig:
     batch_size: int = 64
     block_size: int = DEFAULT_BLOCK_SIZE
     min_valid: float = 0.5
+    #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
+    #: output grid at query time; ``dense``: every zoom at every output pixel (:mod:`psm_mapping.zoomgrid`)
+    zoom_sampling: str = "scale"
     progress: bool = True
     #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
     offline: bool = False
@@ -173,6 +176,9 @@ class MapConfig:
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
         self.min_valid = check_fraction("min_valid", self.min_valid)
+        from .zoomgrid import check_zoom_sampling
+
+        self.zoom_sampling = check_zoom_sampling(self.zoom_sampling)
         self.month, self.hour = check_month(self.month), check_hour(self.hour)
         return self
 

@@ -61,6 +61,9 @@ def map_parser() -> argparse.ArgumentParser:
                    help="a setting of the imagery reader, e.g. retries=2, timeout=10, max_zoom=16, "
                         "cache_dir=tiles (repeatable)")
     p.add_argument("--zoom-level", type=_zooms, help="zoom levels, e.g. 1,3,5")
+    p.add_argument("--zoom-sampling", choices=["scale", "dense"],
+                   help="scale: each zoom level embedded on its own grid (cells of about a quarter chip) and "
+                        "resampled to the output grid (default); dense: every zoom at every output pixel")
     p.add_argument("--stride", type=float, help="output pixel size in metres")
     p.add_argument("--crs", help="output CRS (default: UTM zone of the region)")
     p.add_argument("--max-pixels", type=int, help="refuse grids with more region pixels than this")
