@@ -158,6 +158,10 @@ class MapConfig:
     #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
     #: output grid at query time; ``dense``: every zoom at every output pixel (:mod:`psm_mapping.zoomgrid`)
     zoom_sampling: str = "scale"
+    #: reader threads in front of the model (read, decode, warp, cut); None: a function of the
+    #: cores (:func:`psm_mapping.pipeline.default_readers`); 0: the single prefetch thread of
+    #: earlier versions (chips cut in the model's thread)
+    readers: int | None = None
     progress: bool = True
     #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
     offline: bool = False
@@ -175,6 +179,8 @@ class MapConfig:
         self.batch_size = check_count("batch_size", self.batch_size)
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
+        if self.readers is not None:
+            self.readers = check_count("readers", self.readers, lo=0)
         self.min_valid = check_fraction("min_valid", self.min_valid)
         from .zoomgrid import check_zoom_sampling
 

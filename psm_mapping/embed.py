@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ class Timings:
     model_s: float = 0.0
     write_s: float = 0.0
     chips: int = 0
+    #: seconds the model's thread waited for the readers, and their mean queue depth (units ready)
+    wait_s: float = 0.0
+    queue_depth: float = 0.0
 
 
 class ImageEmbedder:
@@ -116,12 +119,23 @@ def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource | ChipRe
     return out
 
 
+def cut_batches(block: Block, windows: dict[int, list[ChipWindow]], batch_size: int = 64,
+                min_valid: float = 0.5) -> Iterator[tuple[int, ChipBatch]]:
+    """``(zoom index, batch)`` of a block's windows, in the order :func:`embed_windows` embeds them
+    (reader threads cut ahead with it, :mod:`psm_mapping.pipeline`)."""
+    for k, z in enumerate(windows):
+        for win in windows[z]:
+            yield from ((k, b) for b in win.batches(batch_size, min_valid, block))
+
+
 def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: ImageEmbedder,
                   batch_size: int = 64, min_valid: float = 0.5,
-                  timings: Timings | None = None) -> BlockEmbeddings:
+                  timings: Timings | None = None,
+                  batches: Iterable[tuple[int, ChipBatch]] | None = None) -> BlockEmbeddings:
     """Cut chips from a block's windows, embed them, and assemble the block's arrays. Pixels
     asked for get status DONE (embedded, or NaN below ``min_valid``) or FAULT (the chip
-    touches a failed read: NaN, not embedded); the others stay PENDING."""
+    touches a failed read: NaN, not embedded); the others stay PENDING. ``batches``: the
+    block's batches cut already (:func:`cut_batches`, e.g. by reader threads)."""
     zl = tuple(windows)
     h, w, D = block.height, block.width, embedder.model.config.fc_dim
     Z = len(zl)
@@ -138,17 +152,17 @@ def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: 
         res.status[k][asked] = DONE
         res.status[k][block_faults(block, windows[z])] = FAULT
         res.valid[k][res.status[k] == FAULT] = np.nan
-        for win in windows[z]:
-            res.faults += win.faults
-            for batch in win.batches(batch_size, min_valid, block):
-                t0 = time.perf_counter()
-                out = embedder(batch)
-                t.model_s += time.perf_counter() - t0
-                r, c = batch.rows - block.row_off, batch.cols - block.col_off
-                for name in ("z_img", "mean", "var_sum", "uncertainty"):
-                    getattr(res, name)[k, r, c] = out[name]
-                res.chips += len(batch)
-                t.chips += len(batch)
+        res.faults += sum(win.faults for win in windows[z])
+    todo = cut_batches(block, windows, batch_size, min_valid) if batches is None else batches
+    for k, batch in todo:
+        t0 = time.perf_counter()
+        out = embedder(batch)
+        t.model_s += time.perf_counter() - t0
+        r, c = batch.rows - block.row_off, batch.cols - block.col_off
+        for name in ("z_img", "mean", "var_sum", "uncertainty"):
+            getattr(res, name)[k, r, c] = out[name]
+        res.chips += len(batch)
+        t.chips += len(batch)
     return res
 
 

@@ -22,7 +22,9 @@ from .checks import (_check_overlap, _check_output, _check_store_root, _store_ur
                      _warn_imagery_mismatch, default_store_dir)
 from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default_imagery,  # noqa: F401
                      imagery_sat_type)
-from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
+from .embed import (ImageEmbedder, MetadataOptions, Timings, cut_batches, embed_windows, read_block,
+                    resolve_device)
+from .pipeline import PipelineStats, default_readers, stream_units
 from .errors import ImageryError, InputError, StoreError
 from .grid import OutputGrid, make_grid
 from .tiling import ChipReader
@@ -215,10 +217,10 @@ def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: Ima
             return None, need
         return read_block(b, grid=zg, source=reader, zoom_levels=zl, need=need), need
 
-    def embed(u, windows, need):
+    def embed(u, windows, need, batches=None):
         b = u[0]
         if windows is not None:
-            res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings)
+            res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings, batches)
             t0 = time.perf_counter()
             store.write_block(res)
             timings.write_s += time.perf_counter() - t0
@@ -230,17 +232,34 @@ def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: Ima
 
     bar = tqdm(total=fill.pixels, unit="chip", desc="embedding", disable=not cfg.progress,
                smoothing=0.1)
+    readers = default_readers() if cfg.readers is None else int(cfg.readers)
+    host_cut = not getattr(embedder, "cuts_on_device", False)
+
+    def cut(u, result):
+        windows, _ = result
+        return iter(()) if windows is None else cut_batches(u[0], windows, cfg.batch_size, cfg.min_valid)
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="psm-prefetch") as pool:
-            b = claim()
-            fut = pool.submit(_timed, read, b) if b is not None else None
-            while b is not None:
-                (windows, need), dt = fut.result()
-                timings.read_s += dt
-                nb = claim()
-                fut = pool.submit(_timed, read, nb) if nb is not None else None
-                embed(b, windows, need)
-                b = nb
+        if readers == 0:  # the single prefetch thread of earlier versions (chips cut here)
+            with ThreadPoolExecutor(1, thread_name_prefix="psm-prefetch") as pool:
+                b = claim()
+                fut = pool.submit(_timed, read, b) if b is not None else None
+                while b is not None:
+                    (windows, need), dt = fut.result()
+                    timings.read_s += dt
+                    nb = claim()
+                    fut = pool.submit(_timed, read, nb) if nb is not None else None
+                    embed(b, windows, need)
+                    b = nb
+        else:  # N readers read, decode, warp and cut ahead into bounded queues
+            pstats = PipelineStats()
+            for unit in stream_units(claim, read, cut if host_cut else None, readers, depth=4, stats=pstats):
+                windows, need = unit.result
+                timings.read_s += unit.read_s
+                embed(unit.item, windows, need, unit.iter_batches() if host_cut and windows is not None else None)
+                timings.wait_s += unit.wait_s
+            timings.wait_s += pstats.wait_s
+            timings.queue_depth = pstats.mean_depth()
         if deferred:
             who = sorted({locks.holder(lock_key(u[0])) or "?" for u in deferred})
             log_fn(f"waiting for {len(deferred)} blocks that another run ({', '.join(who)}) is "

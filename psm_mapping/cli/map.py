@@ -70,6 +70,8 @@ def map_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="embedding store folder or fsspec URL (default: psm-store next to --out)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--block-size", type=int)
+    p.add_argument("--readers", type=int, help="reader threads in front of the model (read, decode, warp, cut; "
+                                             "default: the cores, at least 2; 0: one prefetch thread)")
     p.add_argument("--min-valid", type=float, help="minimum valid imagery fraction of a chip (0..1)")
     p.add_argument("--workers", type=int, help="run on a local dask cluster of N worker processes")
     p.add_argument("--scheduler", help="address of an existing dask scheduler")
