@@ -156,8 +156,9 @@ class MapConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     min_valid: float = 0.5
     #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
-    #: output grid at query time; ``dense``: every zoom at every output pixel (:mod:`psm_mapping.zoomgrid`)
-    zoom_sampling: str = "scale"
+    #: output grid at query time; ``dense`` (the default, see README): every zoom at every output
+    #: pixel (:mod:`psm_mapping.zoomgrid`)
+    zoom_sampling: str = "dense"
     #: reader threads in front of the model (read, decode, warp, cut); None: a function of the
     #: cores (:func:`psm_mapping.pipeline.default_readers`); 0: the single prefetch thread of
     #: earlier versions (chips cut in the model's thread)

@@ -35,7 +35,7 @@ __all__ = ["ZOOM_SAMPLINGS", "DEFAULT_ZOOM_SAMPLING", "ZoomGroup", "check_zoom_s
            "zoom_groups", "zoom_grid", "cell_need", "resample", "axis_weights", "chips_needed"]
 
 ZOOM_SAMPLINGS = ("scale", "dense")
-DEFAULT_ZOOM_SAMPLING = "scale"
+DEFAULT_ZOOM_SAMPLING = "dense"
 
 
 def check_zoom_sampling(value) -> str:

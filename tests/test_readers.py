@@ -32,7 +32,7 @@ def _cfg(inputs, folder: Path, **kw) -> MapConfig:  # noqa: F811
     base = dict(region=inputs["region"], imagery=inputs["scene"], queries=["birds"], checkpoint=inputs["fast_ckpt"],
                 clap_config=inputs["clap"], tokenizer=inputs["tokenizer"], zoom_levels=(1, 3, 5), stride=STRIDE,
                 device="cpu", block_size=4, batch_size=5, out=str(folder / "map.tif"), store=str(folder / "store"),
-                progress=False, previews=False)
+                progress=False, previews=False, zoom_sampling="scale")
     base.update(kw)
     return MapConfig(**base)
 

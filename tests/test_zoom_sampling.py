@@ -44,6 +44,14 @@ def test_default_factors():
     assert [g.zooms for g in zoom_groups(10, 10, (1, 1, 5))] == [(0, 2), (2, 3)]
 
 
+def test_dense_is_the_default_and_bad_values_are_one_line():
+    from psm_mapping.errors import InputError
+
+    assert MapConfig().zoom_sampling == "dense"
+    with pytest.raises(InputError, match="zoom sampling 'fine' is not known"):
+        MapConfig(zoom_sampling="fine").validate()
+
+
 def test_resample_factor_one_is_the_values():
     v = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
     ok = np.ones((5, 6), bool)

@@ -63,7 +63,8 @@ def map_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoom-level", type=_zooms, help="zoom levels, e.g. 1,3,5")
     p.add_argument("--zoom-sampling", choices=["scale", "dense"],
                    help="scale: each zoom level embedded on its own grid (cells of about a quarter chip) and "
-                        "resampled to the output grid (default); dense: every zoom at every output pixel")
+                        "resampled to the output grid; dense: every zoom at every output pixel (default: scale-true maps "
+                        "agree with dense ones to r 0.05-0.95 with random weights, below the 0.99 bar)")
     p.add_argument("--stride", type=float, help="output pixel size in metres")
     p.add_argument("--crs", help="output CRS (default: UTM zone of the region)")
     p.add_argument("--max-pixels", type=int, help="refuse grids with more region pixels than this")
