@@ -18,6 +18,7 @@ Run: python benchmarks/bench_pipeline.py [--size 2600] [--block-size 16] [--zoom
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ class Result:
     decode: float = 0.0
     warp: float = 0.0
     depth: float = 0.0
+    load: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -120,7 +122,8 @@ def run_threads(kind, spec, grid, zooms, block_size, batch_size, readers) -> Res
         cut_total = st.cut_s
     wall = time.perf_counter() - t0
     r = Result(f"readers={readers}" if readers else "baseline (1 prefetch thread)", model.chips, wall,
-               read=st.read_s, cut=cut_total, copy=model.copy_s, wait=st.wait_s, depth=st.mean_depth())
+               read=st.read_s, cut=cut_total, copy=model.copy_s, wait=st.wait_s, depth=st.mean_depth(),
+               load=os.getloadavg()[0])
     s = getattr(src, "stats", None)
     if s is not None:
         r.fetch, r.decode, r.warp = s.fetch_seconds, s.decode_seconds, s.warp_seconds
@@ -168,20 +171,21 @@ def run_procs(kind, spec, grid, zooms, block_size, batch_size, n=2) -> Result:
             for _, bt in batches:
                 model(bt)
         wall = time.perf_counter() - t0
-    return Result(f"procs={n}", model.chips, wall, read=read_s, cut=cut_s, copy=model.copy_s, wait=wait_s)
+    return Result(f"procs={n}", model.chips, wall, read=read_s, cut=cut_s, copy=model.copy_s, wait=wait_s,
+                  load=os.getloadavg()[0])
 
 
 def table(title: str, rows: list[Result], xyz: bool) -> None:
     base = rows[0].rate
     print(f"\n{title}")
     stages = ["fetch", "decode", "warp"] if xyz else ["read"]
-    head = ["config", "chips", "wall s", "chips/s", "vs baseline", *stages, "cut", "copy", "model waits", "queue"]
+    head = ["config", "chips", "wall s", "chips/s", "vs baseline", *stages, "cut", "copy", "model waits", "queue", "load avg"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         st = [f"{getattr(r, s):.2f}" for s in stages]
         print(f"| {r.name} | {r.chips} | {r.wall:.2f} | {r.rate:.0f} | {r.rate / base:.2f}x | " + " | ".join(st)
-              + f" | {r.cut:.2f} | {r.copy:.2f} | {r.wait:.2f} | {r.depth:.1f} |")
+              + f" | {r.cut:.2f} | {r.copy:.2f} | {r.wait:.2f} | {r.depth:.1f} | {r.load:.1f} |")
 
 
 def main(argv=None) -> int:

@@ -152,7 +152,12 @@ class MapConfig:
     overwrite: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 64
+    #: chips per model call, or ``"auto"`` (from the device's free memory, :func:`~psm_mapping.embed.auto_batch_size`)
+    batch_size: int | str = 64
+    #: cut chips on the device from one uploaded window per zoom (None: on CUDA only)
+    device_cut: bool | None = None
+    #: ``torch.compile`` the image encoder
+    compile: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     min_valid: float = 0.5
     #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
@@ -177,7 +182,10 @@ class MapConfig:
         if self.stride is not None:
             self.stride = check_stride(self.stride)
         self.zoom_levels = check_zoom_levels(self.zoom_levels)
-        self.batch_size = check_count("batch_size", self.batch_size)
+        if str(self.batch_size).strip().lower() == "auto":
+            self.batch_size = "auto"
+        else:
+            self.batch_size = check_count("batch_size", self.batch_size)
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
         if self.readers is not None:

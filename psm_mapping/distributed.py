@@ -377,7 +377,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
                    clap_config=cfg.clap_config, device=str(cfg.device), dtype=str(cfg.dtype),
                    imagery=prep.cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
                    metadata_options=dict(store.attrs["metadata_options"]),
-                   zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(cfg.batch_size),
+                   zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(prep.cfg.batch_size),
                    min_valid=float(cfg.min_valid))
     from .run import zoom_plan
 

@@ -73,15 +73,28 @@ class Timings:
 
 
 class ImageEmbedder:
-    """Wraps a model for chip batches: ``__call__(batch) -> (z_img, mean, logvar-derived stats)``."""
+    """Wraps a model for chip batches: ``__call__(batch) -> (z_img, mean, logvar-derived stats)``.
 
-    def __init__(self, model: PSM, device: torch.device, metadata: MetadataOptions):
+    ``device_cut`` (default: on CUDA): a block's window per zoom is uploaded once (uint8, pinned,
+    non-blocking) and its chips are cut on the device (:func:`device_batches`) instead of being
+    copied chip by chip from the host; the same code runs on CPU. ``compile``: ``torch.compile``
+    of the image encoder."""
+
+    def __init__(self, model: PSM, device: torch.device, metadata: MetadataOptions,
+                 device_cut: bool | None = None, compile: bool = False):
         self.model, self.device, self.metadata = model, device, metadata
         self.pin = device.type == "cuda"
         self.calls = 0
+        self.cuts_on_device = device.type == "cuda" if device_cut is None else bool(device_cut)
+        if compile:
+            compile_image_encoder(model)
 
     def __call__(self, batch: ChipBatch) -> dict[str, np.ndarray]:
         self.calls += 1
+        if torch.is_tensor(batch.chips):  # cut on the device already
+            x = normalize_chips(batch.chips)
+            z = self.model.image_features(x, torch.full((len(batch),), batch.zoom, dtype=torch.long))
+            return self.heads(z, batch.lon, batch.lat)
         chips = torch.from_numpy(batch.chips)
         if self.pin:
             chips = chips.pin_memory()
@@ -119,6 +132,62 @@ def read_block(block: Block, *, grid: OutputGrid, source: ImagerySource | ChipRe
     return out
 
 
+def compile_image_encoder(model: PSM) -> None:
+    """``torch.compile`` the ViT backbone in place (``--compile``; dynamic batch sizes)."""
+    enc = model.sat_encoder.encoder
+    if not getattr(enc, "_psm_compiled", False):
+        enc.backbone = torch.compile(enc.backbone, dynamic=True)
+        enc._psm_compiled = True
+
+
+def gather_chips(data: torch.Tensor, row_offsets, col_offsets) -> torch.Tensor:
+    """Chips ``[N, 3, 224, 224]`` of a window ``data`` (uint8 ``[3, H, W]``, on any device) at
+    origins ``(row_offsets[n], col_offsets[n])``: a view of every chip (``unfold``), then one gather."""
+    from .tiling import CHIP
+
+    v = data.unfold(1, CHIP, 1).unfold(2, CHIP, 1)  # [3, H-223, W-223, 224, 224], a view
+    ro = torch.as_tensor(np.asarray(row_offsets, np.int64), device=data.device)
+    co = torch.as_tensor(np.asarray(col_offsets, np.int64), device=data.device)
+    return v[:, ro, co].permute(1, 0, 2, 3).contiguous()
+
+
+def device_batches(block: Block, windows: dict[int, list[ChipWindow]], batch_size: int, min_valid: float,
+                   device: torch.device) -> Iterator[tuple[int, ChipBatch]]:
+    """The batches of :func:`cut_batches` (same chips, same order), cut on ``device``: each window
+    is uploaded once as uint8 (pinned, non-blocking on CUDA)."""
+    for k, z in enumerate(windows):
+        for win in windows[z]:
+            ii, jj = np.nonzero(win.keep(min_valid))
+            if not len(ii):
+                continue
+            data = torch.from_numpy(win.data)
+            if device.type == "cuda":
+                data = data.pin_memory()
+            data = data.to(device, non_blocking=True)
+            for s in range(0, len(ii), batch_size):
+                bi, bj = ii[s:s + batch_size], jj[s:s + batch_size]
+                yield k, ChipBatch(
+                    chips=gather_chips(data, win.row_offsets[bi], win.col_offsets[bj]), zoom=win.zoom,
+                    rows=win.rows[bi], cols=win.cols[bj],
+                    valid_fraction=win.valid_fraction[bi, bj].astype(np.float32),
+                    lon=win.lon[bi, bj], lat=win.lat[bi, bj], block=block)
+
+
+def auto_batch_size(model: PSM, device: torch.device) -> int:
+    """``--batch-size auto``: on CUDA from the free memory (half of it, a ViT inference step's peak
+    per chip: MLP and attention activations plus the input), a power of two in 32..2048; CPU: 64."""
+    if device.type != "cuda":
+        return 64
+    free, _ = torch.cuda.mem_get_info(device)
+    vit = model.sat_encoder.encoder.backbone
+    D = int(getattr(vit, "embed_dim", 768))
+    heads = int(vit.blocks[0].attn.num_heads) if len(getattr(vit, "blocks", ())) else max(1, D // 64)
+    tokens = 196
+    per_chip = 2 * (tokens * 4 * D * 4 + heads * tokens * tokens * 4) + 3 * 224 * 224 * 5
+    n = int(0.5 * free // per_chip)
+    return int(max(32, min(2048, 1 << max(5, n.bit_length() - 1))))
+
+
 def cut_batches(block: Block, windows: dict[int, list[ChipWindow]], batch_size: int = 64,
                 min_valid: float = 0.5) -> Iterator[tuple[int, ChipBatch]]:
     """``(zoom index, batch)`` of a block's windows, in the order :func:`embed_windows` embeds them
@@ -153,7 +222,12 @@ def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: 
         res.status[k][block_faults(block, windows[z])] = FAULT
         res.valid[k][res.status[k] == FAULT] = np.nan
         res.faults += sum(win.faults for win in windows[z])
-    todo = cut_batches(block, windows, batch_size, min_valid) if batches is None else batches
+    if batches is not None:
+        todo = batches
+    elif getattr(embedder, "cuts_on_device", False):
+        todo = device_batches(block, windows, batch_size, min_valid, embedder.device)
+    else:
+        todo = cut_batches(block, windows, batch_size, min_valid)
     for k, batch in todo:
         t0 = time.perf_counter()
         out = embedder(batch)

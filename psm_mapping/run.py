@@ -331,6 +331,11 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
     # model, tokenizer and query files next: their errors come before any long work
     model, ckpt, device = load_model(cfg)
+    if cfg.batch_size == "auto":
+        from .embed import auto_batch_size
+
+        cfg.batch_size = auto_batch_size(model, resolve_device(cfg.device))
+        log_fn(f"batch size: {cfg.batch_size} (auto, {resolve_device(cfg.device).type})")
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
     grid = make_grid(region, stride=cfg.stride, crs=cfg.crs, sat_type=model.config.sat_type,
                      zoom_levels=tuple(cfg.zoom_levels), max_pixels=cfg.max_pixels)
@@ -393,7 +398,8 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     timings = Timings()
     fill = StoreFill()
     with prep.source as source:
-        embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]))
+        embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]),
+                                 device_cut=cfg.device_cut, compile=cfg.compile)
         for attempt in range(3):  # a corrupt chunk found by the query: recompute its blocks
             f = compute_store(store, grid, source, embedder, cfg, timings, log_fn)
             fill.blocks_total = f.blocks_total

@@ -69,7 +69,8 @@ def map_parser() -> argparse.ArgumentParser:
     p.add_argument("--crs", help="output CRS (default: UTM zone of the region)")
     p.add_argument("--max-pixels", type=int, help="refuse grids with more region pixels than this")
     p.add_argument("--store", help="embedding store folder or fsspec URL (default: psm-store next to --out)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", help="chips per model call, or auto (from the GPU's free memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (first batches slower)")
     p.add_argument("--block-size", type=int)
     p.add_argument("--readers", type=int, help="reader threads in front of the model (read, decode, warp, cut; "
                                              "default: the cores, at least 2; 0: one prefetch thread)")
