@@ -144,3 +144,28 @@ def test_stream_units_order_bounds_and_errors():
             seen.append(u.item)
     assert seen == [0, 1, 2, 3]
     assert default_readers() >= 2
+
+
+def test_parallel_readers_read_a_shared_tile_once(inputs):  # noqa: F811
+    """Neighbouring blocks on two readers share halo tiles: one read, the other waits for it."""
+    from pyproj import CRS
+
+    from psm_mapping.tiling import ChipReader
+
+    src = open_source(inputs["scene"])
+    calls = []
+    orig = src.read
+
+    def slow_read(*a, **kw):
+        calls.append(a[0])
+        threading.Event().wait(0.3)
+        return orig(*a, **kw)
+
+    src.read = slow_read
+    reader = ChipReader(src, CRS.from_user_input("EPSG:32633"), "sentinel")
+    lat = reader.lattice(1)
+    ti, tj = int(-5_600_000.0 / lat.res / 1024) + 2, int(500_000.0 / lat.res / 1024) + 2
+    with ThreadPoolExecutor(4) as pool:
+        tiles = list(pool.map(lambda _: lat.tile(ti, tj), range(4)))
+    assert len(calls) == 1 and all(t is tiles[0] for t in tiles)
+    src.close()
