@@ -26,7 +26,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_tiler import CRS, X0, Y0, cut_tiles, make_region, make_scene  # noqa: E402
+from bench_tiler import cut_tiles, make_region, make_scene  # noqa: E402
 from psm_mapping import constants  # noqa: E402
 from psm_mapping.embed import cut_batches, read_block  # noqa: E402
 from psm_mapping.grid import make_grid  # noqa: E402

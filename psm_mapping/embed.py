@@ -90,17 +90,46 @@ class ImageEmbedder:
             compile_image_encoder(model)
 
     def __call__(self, batch: ChipBatch) -> dict[str, np.ndarray]:
+        return self.heads(self._features(batch), batch.lon, batch.lat)
+
+    def _features(self, batch: ChipBatch) -> torch.Tensor:
         self.calls += 1
         if torch.is_tensor(batch.chips):  # cut on the device already
             x = normalize_chips(batch.chips)
-            z = self.model.image_features(x, torch.full((len(batch),), batch.zoom, dtype=torch.long))
-            return self.heads(z, batch.lon, batch.lat)
-        chips = torch.from_numpy(batch.chips)
-        if self.pin:
-            chips = chips.pin_memory()
-        x = normalize_chips(chips, device=self.device)
-        z = self.model.image_features(x, torch.full((len(batch),), batch.zoom, dtype=torch.long))
-        return self.heads(z, batch.lon, batch.lat)
+        else:
+            chips = torch.from_numpy(batch.chips)
+            if self.pin:
+                chips = chips.pin_memory()
+            x = normalize_chips(chips, device=self.device)
+        return self.model.image_features(x, torch.full((len(batch),), batch.zoom, dtype=torch.long))
+
+    def submit(self, batch: ChipBatch):
+        """Start ``batch``; returns ``collect()`` giving :meth:`__call__`'s dict. On CUDA the outputs
+        come back with non-blocking copies into pinned memory (an event marks their end), so the
+        caller launches the next batch before collecting this one; elsewhere it runs at once."""
+        if self.device.type != "cuda":
+            out = self(batch)
+            return lambda: out
+        z = self._features(batch)
+        md = self.metadata.for_pixels(batch.lon, batch.lat)
+        emb = self.model.embed_image_features(z, md, fuse=self.metadata.fuse)
+        dev = {"z_img": z.half(), "mean": emb.mean.half()}
+        if emb.logvar is not None:
+            dev["var_sum"], dev["uncertainty"] = emb.var_sum().float(), emb.uncertainty().float()
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                for k, v in dev.items()}
+        done = torch.cuda.Event()
+        done.record()
+        n = len(batch)
+
+        def collect() -> dict[str, np.ndarray]:
+            done.synchronize()
+            out = {k: v.numpy() for k, v in host.items()}
+            out.setdefault("var_sum", np.zeros(n, np.float32))
+            out.setdefault("uncertainty", np.full(n, np.nan, np.float32))
+            return out
+
+        return collect
 
     def heads(self, z: torch.Tensor, lon: np.ndarray, lat: np.ndarray) -> dict[str, np.ndarray]:
         md = self.metadata.for_pixels(lon, lat)
@@ -228,15 +257,29 @@ def embed_windows(block: Block, windows: dict[int, list[ChipWindow]], embedder: 
         todo = device_batches(block, windows, batch_size, min_valid, embedder.device)
     else:
         todo = cut_batches(block, windows, batch_size, min_valid)
-    for k, batch in todo:
-        t0 = time.perf_counter()
-        out = embedder(batch)
-        t.model_s += time.perf_counter() - t0
+    def store(k, batch, out):
         r, c = batch.rows - block.row_off, batch.cols - block.col_off
         for name in ("z_img", "mean", "var_sum", "uncertainty"):
             getattr(res, name)[k, r, c] = out[name]
         res.chips += len(batch)
         t.chips += len(batch)
+
+    submit = getattr(embedder, "submit", None)
+    pending = None  # the previous batch: collected after the next one is launched (CUDA)
+    for k, batch in todo:
+        t0 = time.perf_counter()
+        if submit is None:
+            store(k, batch, embedder(batch))
+        else:
+            collect = submit(batch)
+            if pending is not None:
+                store(pending[0], pending[1], pending[2]())
+            pending = (k, batch, collect)
+        t.model_s += time.perf_counter() - t0
+    if pending is not None:
+        t0 = time.perf_counter()
+        store(pending[0], pending[1], pending[2]())
+        t.model_s += time.perf_counter() - t0
     return res
 
 

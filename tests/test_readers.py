@@ -18,7 +18,7 @@ from psm_mapping.pipeline import PipelineStats, default_readers, stream_units
 from psm_mapping.run import MapConfig, map_region
 
 from servers import SceneTiles, TileServer, write_scene
-from test_zoom_sampling import STRIDE, _region, inputs  # noqa: F401  (the zoom-sampling scene)
+from test_zoom_sampling import STRIDE, inputs  # noqa: F401  (the zoom-sampling scene)
 
 
 def _store_arrays(root: Path) -> dict:
