@@ -203,9 +203,22 @@ class MapConfig:
     overwrite: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 64
+    #: chips per model call, or ``"auto"`` (from the device's free memory, :func:`~psm_mapping.embed.auto_batch_size`)
+    batch_size: int | str = 64
+    #: cut chips on the device from one uploaded window per zoom (None: on CUDA only)
+    device_cut: bool | None = None
+    #: ``torch.compile`` the image encoder
+    compile: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     min_valid: float = 0.5
+    #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
+    #: output grid at query time; ``dense`` (the default, see README): every zoom at every output
+    #: pixel (:mod:`psm_mapping.zoomgrid`)
+    zoom_sampling: str = "dense"
+    #: reader threads in front of the model (read, decode, warp, cut); None: a function of the
+    #: cores (:func:`psm_mapping.pipeline.default_readers`); 0: the single prefetch thread of
+    #: earlier versions (chips cut in the model's thread)
+    readers: int | None = None
     progress: bool = True
     #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
     offline: bool = False
@@ -226,11 +239,22 @@ class MapConfig:
         if self.stride is not None:
             self.stride = check_stride(self.stride)
         self.zoom_levels = check_zoom_levels(self.zoom_levels)
-        self.batch_size = check_count("batch_size", self.batch_size)
+        if str(self.batch_size).strip().lower() == "auto":
+            self.batch_size = "auto"
+        else:
+            self.batch_size = check_count("batch_size", self.batch_size)
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
+        if self.readers is not None:
+            self.readers = check_count("readers", self.readers, lo=0)
         self.min_valid = check_fraction("min_valid", self.min_valid)
         self.check_time()
+        from .zoomgrid import check_zoom_sampling
+
+        self.zoom_sampling = check_zoom_sampling(self.zoom_sampling)
+        if self.is_cube and self.zoom_sampling != "dense":
+            raise InputError("month x hour cubes need --zoom-sampling dense (the default): each zoom's grid of "
+                             "--zoom-sampling scale is not the output grid a cube is fused on", option="zoom_sampling")
         return self
 
     @property

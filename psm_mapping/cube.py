@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .embed import MetadataOptions
-from .errors import InputError
+from .errors import InputError, StoreError
+from .model.heads import csd_from_parts
 from .model import Metadata
 from .model.fusion import metadata_items
 from .query import Query, _LonLat, prepare_query
@@ -175,7 +176,7 @@ def fuse_settings(model, z_img: np.ndarray, lon: np.ndarray, lat: np.ndarray, me
             dot = emb.mean.float() @ qt  # [S*n, Q]
             if qv is not None and emb.logvar is not None:
                 vs = emb.var_sum().float()
-                s = -(2.0 - 2.0 * dot + vs[:, None] + qv[None, :])
+                s = csd_from_parts(dot, vs[:, None], qv[None, :])
                 u = emb.uncertainty().float()
                 unc[:, sel] = u.reshape(S, n).cpu().numpy()
             else:
@@ -191,6 +192,14 @@ def cube_bytes(store: EmbeddingStore, n_queries: int, n_settings: int) -> int:
     return (n_queries + 1) * n_settings * len(s.zoom_levels) * s.height * s.width * 4
 
 
+def check_dense_store(store: EmbeddingStore) -> None:
+    """Cubes read every zoom of a block at once on the output grid: a store built with
+    ``--zoom-sampling scale`` (each zoom on its own grid) is refused with the fix."""
+    if not store.spec.dense:
+        raise StoreError(f"{store.url} holds scale-true zoom grids (--zoom-sampling scale); month x hour cubes "
+                         "need a dense store: rerun the map with --zoom-sampling dense (the default)")
+
+
 def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
                axes: TimeAxes, progress: Callable[[int, int], None] | None = None,
                rows: int = FUSION_ROWS) -> QueryCube:
@@ -198,6 +207,7 @@ def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata:
     ``z_img`` is read once (all zooms), then fusion and heads run for every setting of ``axes``
     (``metadata`` gives the sources and ``fuse``; its month/hour are the fixed values of absent
     axes). ``progress(done, total)`` after each block."""
+    check_dense_store(store)
     import time
 
     check_cube_model(model.config, metadata, axes)
@@ -299,6 +309,7 @@ def point_profile(store: EmbeddingStore, queries: Sequence[Query], model, metada
                   axes: TimeAxes, lon: float, lat: float) -> PointProfile:
     """The cube at the one store pixel that holds (``lon``, ``lat``): the same numbers as
     :func:`cube_store` there (the pixel's centre gives the location metadata, as in the map)."""
+    check_dense_store(store)
     from affine import Affine
     from pyproj import CRS, Transformer
 

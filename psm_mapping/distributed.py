@@ -193,14 +193,14 @@ def embed_block_task(job: BlockJob, grid: OutputGrid, block: Block) -> BlockStat
     them (skipped when there are none). The block's lock file is held meanwhile, so another
     run on the same store waits instead of computing it too."""
     from .run import region_need
-    from .store import BlockLocks
+    from .store import BlockLocks, lock_key
 
     t0, c0 = time.perf_counter(), time.thread_time()
     stats = BlockStats(tuple(block.index), pid=os.getpid(), worker=_worker_name())
     store = _CACHE.store(job.store_url, job.storage_options)
     locks = BlockLocks(store.url)
     try:
-        while not locks.acquire(block.index):
+        while not locks.acquire(lock_key(block)):
             time.sleep(0.5)
         need = region_need(store, grid, block)
         if not need.any():
@@ -217,7 +217,7 @@ def embed_block_task(job: BlockJob, grid: OutputGrid, block: Block) -> BlockStat
         t1 = time.perf_counter()
         store.write_block(res)
     finally:
-        locks.release(block.index)
+        locks.release(lock_key(block))
     stats.write_s = time.perf_counter() - t1
     stats.chips, stats.faults, stats.model_calls = res.chips, res.faults, embedder.calls
     stats.fault_pixels = res.fault_pixels
@@ -248,20 +248,23 @@ def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, j
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    from .run import region_need
+    from .run import work_units
 
-    status = store.status()
-    todo = [b for b in grid.blocks(block_size)
-            if region_need(store, grid, b, status[(slice(None), *b.slices)]).any()]
+    todo = work_units(store, grid, block_size)  # per zoom grid (dense: the output grid, every zoom)
     if not todo:
         return []
     token = uuid.uuid4().hex[:8]
-    [grid_f] = client.scatter([grid], broadcast=True, hash=False)
+    grids = {}
+    for _, _, zg in todo:
+        if id(zg) not in grids:
+            [grids[id(zg)]] = client.scatter([zg], broadcast=True, hash=False)
     gpu = job.device.startswith("cuda")
     futures = {}
-    for b in todo:
-        key = f"psm-block-{b.index[0]}-{b.index[1]}-{token}"
-        futures[key] = client.submit(embed_block_task, job, grid_f, b, key=key, retries=retries,
+    for b, zl, zg in todo:
+        z = "" if b.zooms is None else f"z{b.zooms[0]}-"
+        key = f"psm-block-{z}{b.index[0]}-{b.index[1]}-{token}"
+        job_b = job if tuple(zl) == tuple(job.zoom_levels) else dataclasses.replace(job, zoom_levels=tuple(zl))
+        futures[key] = client.submit(embed_block_task, job_b, grids[id(zg)], b, key=key, retries=retries,
                                      resources={"GPU": 1} if gpu else None, pure=False)
     out: list[BlockStats] = []
     bar = tqdm(total=len(todo), unit="block", desc="blocks", disable=not progress, smoothing=0.1)
@@ -283,7 +286,8 @@ def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, j
         raise
     finally:
         bar.close()
-        grid_f.release()
+        for f in grids.values():
+            f.release()
     return out
 
 
@@ -311,15 +315,24 @@ def _query_chunk(url: str, storage_options: dict, block: Block, qmat, mask, job:
 
 def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: np.ndarray | None = None,
                      metadata: MetadataOptions | None = None, job: BlockJob | None = None,
-                     storage_options: dict | None = None) -> QueryMaps:
+                     storage_options: dict | None = None, model=None) -> QueryMaps:
     """:func:`psm_mapping.query.query_store` as lazy dask arrays, one task per done block.
 
     ``mask`` [H, W]: NaN outside it. ``job``: where workers load the model if the metadata differ
-    from the store's and fusion must re-run from ``z_img``."""
+    from the store's and fusion must re-run from ``z_img``. A store with zooms on their own grids
+    (scale-true) is small per zoom: it is queried here (``model`` re-runs fusion), eagerly."""
     import dask
     import dask.array as da
 
+    from .query import query_store
+
     spec = store.spec
+    if not spec.dense:
+        maps = query_store(store, queries, model=model, metadata=metadata)
+        if mask is not None:
+            for a in (*maps.similarity, maps.uncertainty):
+                a[:, ~mask] = np.nan
+        return maps
     qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=job is not None)
     qmat = dask.delayed((qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float32)),
                         pure=True)
@@ -364,9 +377,11 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
                    clap_config=cfg.clap_config, device=str(cfg.device), dtype=str(cfg.dtype),
                    imagery=prep.cfg.imagery, imagery_options=dict(cfg.imagery_options or {}),
                    metadata_options=dict(store.attrs["metadata_options"]),
-                   zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(cfg.batch_size),
+                   zoom_levels=tuple(int(z) for z in cfg.zoom_levels), batch_size=int(prep.cfg.batch_size),
                    min_valid=float(cfg.min_valid))
-    total = grid.n_blocks(cfg.block_size)
+    from .run import zoom_plan
+
+    total = sum(1 for _, _, zg in zoom_plan(store, grid) for _ in zg.blocks(cfg.block_size))
     with connect(workers, scheduler, client, log_fn, torch_threads,
                  gpu=str(cfg.device).startswith("cuda")) as cl:
         t_setup = time.perf_counter()
@@ -384,7 +399,7 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
                                  prep.region, prep.cfg)
         else:
             maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
-                                    storage_options=cfg.store_options)
+                                    storage_options=cfg.store_options, model=prep.model)
             result = build_map_result(maps, store, tags, prep.region, score=cfg.score)
             outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews,
                                     overwrite=cfg.overwrite)  # dask bands: the dask writers

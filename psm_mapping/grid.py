@@ -43,6 +43,14 @@ class Block:
     col_off: int
     height: int
     width: int
+    #: zoom indices ``(first, stop)`` this block holds on their own zoom grid (scale-true
+    #: sampling, :mod:`psm_mapping.zoomgrid`); None: every zoom on the output grid
+    zooms: tuple[int, int] | None = None
+
+    @property
+    def zoom_slice(self) -> slice:
+        """The block's zoom planes in the store's ``[zoom, y, x]`` arrays."""
+        return slice(None) if self.zooms is None else slice(*self.zooms)
 
     @property
     def slices(self) -> tuple[slice, slice]:
@@ -68,10 +76,16 @@ class GridEstimate:
     blocks: int
     seconds_gpu: float
     seconds_cpu: float
+    #: per zoom the zoom grid's cell size in output pixels (scale-true sampling); None: dense
+    zoom_factors: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
+        scale = self.zoom_factors is not None and any(f > 1 for f in self.zoom_factors)
+        how = (f" on their own grids (cells of {'/'.join(str(f) for f in self.zoom_factors)} px): "
+               f"{self.chips:,} chips ({self.chips / max(1, self.pixels):.2f} per pixel)") if scale \
+            else f" = {self.chips:,} chips"
         return (f"{self.pixels:,} pixels x {len(self.zoom_levels)} zoom levels "
-                f"{tuple(self.zoom_levels)} = {self.chips:,} chips in {self.blocks} blocks; "
+                f"{tuple(self.zoom_levels)}{how} in {self.blocks} blocks; "
                 f"with a full-size ViT-B/16 roughly {_fmt_s(self.seconds_gpu)} on a GPU, "
                 f"{_fmt_s(self.seconds_cpu)} on CPU")
 
@@ -158,12 +172,21 @@ class OutputGrid:
         """(lon, lat) in degrees of pixel centres, each float64 [h, w]."""
         return self.to_lonlat(*self.pixel_centers(block))
 
-    def estimate(self, block_size: int = DEFAULT_BLOCK_SIZE) -> GridEstimate:
-        """Pixel count, chip count (pixels x zooms) and a rough time."""
+    def estimate(self, block_size: int = DEFAULT_BLOCK_SIZE, zoom_factors=None) -> GridEstimate:
+        """Pixel count, chip count (pixels x zooms; with ``zoom_factors``, the cells each zoom's
+        own grid needs, :mod:`psm_mapping.zoomgrid`) and a rough time."""
         px = self.pixel_count
         chips = px * len(self.zoom_levels)
-        return GridEstimate(px, tuple(self.zoom_levels), chips, self.n_blocks(block_size),
-                            chips / ROUGH_CHIPS_PER_S["gpu"], chips / ROUGH_CHIPS_PER_S["cpu"])
+        blocks = self.n_blocks(block_size)
+        if zoom_factors is not None and any(int(f) > 1 for f in zoom_factors):
+            from .zoomgrid import chips_needed, zoom_groups
+
+            chips = sum(chips_needed(self.mask, zoom_factors))
+            blocks = blocks + sum(-(-g.height // block_size) * -(-g.width // block_size)
+                                  for g in zoom_groups(self.height, self.width, zoom_factors)[1:])
+        return GridEstimate(px, tuple(self.zoom_levels), chips, blocks,
+                            chips / ROUGH_CHIPS_PER_S["gpu"], chips / ROUGH_CHIPS_PER_S["cpu"],
+                            tuple(int(f) for f in zoom_factors) if zoom_factors is not None else None)
 
 
 def utm_crs_for(lon: float, lat: float) -> CRS:

@@ -3,6 +3,11 @@
 ``csd(pixel, q) = -(2 - 2 <mu_pixel, mu_q> + var_sum_pixel + var_sum_q)``: one matrix product over
 the store plus two additions, block by block. A query with its own metadata (month, hour,
 sources) re-runs only the fusion and heads from ``z_img``.
+
+A store whose zoom levels live on their own grids (scale-true sampling, :mod:`psm_mapping.zoomgrid`)
+is queried on each zoom's grid and the similarity and uncertainty resampled to the output grid
+(bilinear, NaN-aware): similarity is linear in the embedding mean and ``var_sum``, so this equals
+the similarity of interpolated embeddings. Dense stores take the paths below unchanged.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ from .grid import Block
 from .model import PSM, ProbEmbedding
 from .model.heads import csd_from_parts
 from .region import wrap_lon
+from .grid import iter_blocks
 from .store import DONE, EmbeddingStore
+from .zoomgrid import resample, zoom_transform
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,12 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
     Z, H, W = len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((Z, H, W), np.nan, np.float32)
+    if not spec.dense:  # each zoom on its own grid: query there, resample to the output grid
+        for k in range(Z):
+            sim, unc[k] = query_zoom_grid(store, k, qm, qvs, model=model if rerun else None, metadata=metadata)
+            for q in range(len(queries)):
+                sims[q][k] = sim[q]
+        return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
     status = store.status()
     done = store.done_mask()
     if not rerun and blocks is None:
@@ -123,6 +136,33 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
             sims[q][:, ys, xs] = sim[q]
     _mask_not_done(status, sims, unc)
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
+
+
+def query_zoom_grid(store: EmbeddingStore, zoom_index: int, qm: torch.Tensor, qvs: torch.Tensor | None,
+                    model: PSM | None = None, metadata=None) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity ``[Q, H, W]`` and uncertainty ``[H, W]`` of one zoom on the output grid: computed
+    block by block on the zoom's own grid (fusion re-run from ``z_img`` with ``model``), then
+    resampled (:func:`~psm_mapping.zoomgrid.resample`; similarity is linear in mean and var_sum,
+    so resampling it equals resampling the embeddings). NaN where a contributing cell is not DONE."""
+    from dataclasses import replace
+
+    spec = store.spec
+    g = store.zoom_group(zoom_index)
+    h, w, Q = g.height, g.width, qm.shape[0]
+    ok = store.zoom_status(zoom_index) == DONE
+    done = store.done_mask(zoom_index)
+    sim = np.full((Q, h, w), np.nan, np.float32)
+    unc = np.full((h, w), np.nan, np.float32)
+    lonlat = _LonLat(store, zoom_index) if model is not None else None
+    for b in iter_blocks(h, w, spec.block_size):
+        if not done[b.index]:
+            continue
+        b = replace(b, zooms=(zoom_index, zoom_index + 1))
+        ys, xs = b.slices
+        s_b, u_b = query_block(store, b, qm, qvs, model=model, metadata=metadata, lonlat=lonlat)
+        sim[:, ys, xs], unc[ys, xs] = s_b[:, 0], u_b[0]
+    shape = (spec.height, spec.width)
+    return resample(sim, ok, g.factor, shape), resample(unc, ok, g.factor, shape)
 
 
 def _mask_not_done(status: np.ndarray, sims: list[np.ndarray], unc: np.ndarray) -> None:
@@ -201,7 +241,7 @@ def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Te
 
     ``qvs``: the queries' var sums (None: cosine similarity); ``model``: re-run fusion and heads
     from ``z_img`` with ``metadata`` (``lonlat``: a :class:`_LonLat` of the store)."""
-    Z = len(store.spec.zoom_levels)
+    Z = len(range(len(store.spec.zoom_levels))[b.zoom_slice])
     if model is not None:
         d = store.read_block(b, ("z_img",))
         mean, vs, u = _fuse_from_z_img(model, d["z_img"], metadata, *(lonlat or _LonLat(store))(b))
@@ -217,12 +257,20 @@ def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Te
 
 
 class _LonLat:
-    def __init__(self, store: EmbeddingStore):
+    """lon/lat of a block's pixel centres (``zoom_index``: on that zoom's own grid)."""
+
+    def __init__(self, store: EmbeddingStore, zoom_index: int | None = None):
         from pyproj import CRS, Transformer
 
         self.t = Transformer.from_crs(CRS.from_wkt(store.spec.crs_wkt), "EPSG:4326", always_xy=True)
-        self.x = np.asarray(store.group["x"][:])
-        self.y = np.asarray(store.group["y"][:])
+        g = store.zoom_group(zoom_index) if zoom_index is not None else None
+        if g is None or g.factor == 1:
+            self.x = np.asarray(store.group["x"][:])
+            self.y = np.asarray(store.group["y"][:])
+        else:  # cell centres of the zoom grid
+            t = zoom_transform(store.spec.transform, g.factor)
+            self.x = t.c + (np.arange(g.width) + 0.5) * t.a
+            self.y = t.f + (np.arange(g.height) + 0.5) * t.e
 
     def __call__(self, b: Block):
         xx, yy = np.meshgrid(self.x[b.col_off:b.col_off + b.width], self.y[b.row_off:b.row_off + b.height])
@@ -262,6 +310,12 @@ class ZoomArrays:
     mean: np.ndarray | None  # None: not held (:func:`zoom_similarity` streams it from the store)
     var_sum: np.ndarray
     uncertainty: np.ndarray
+    #: scale-true stores (:mod:`psm_mapping.zoomgrid`): ``mean`` and ``var_sum`` are on the zoom's own
+    #: grid of cells of ``factor`` output pixels (``ok``: its DONE cells), ``uncertainty`` is already
+    #: resampled to the output grid ``out_shape``; :func:`zoom_similarity` resamples what it computes
+    factor: int = 1
+    ok: np.ndarray | None = None
+    out_shape: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -271,6 +325,9 @@ class ZoomArrays:
 def zoom_nbytes(store: EmbeddingStore) -> int:
     """Bytes of one zoom level's :class:`ZoomArrays` as stored (float16 means)."""
     s = store.spec
+    if not s.dense:  # the mean over zoom levels of their own grids
+        cells = [store.zoom_group(k).height * store.zoom_group(k).width for k in range(len(s.zoom_levels))]
+        return int(sum(cells) / len(cells) * (2 * s.fc_dim + 8)) + s.height * s.width * 4
     return s.height * s.width * (2 * s.fc_dim + 8)
 
 
@@ -280,6 +337,8 @@ def load_zoom(store: EmbeddingStore, zoom_index: int, model: PSM | None = None, 
     with ``model`` and ``metadata`` re-run fusion and heads from ``z_img`` block by block
     (``progress(done, total)`` after each block)."""
     spec = store.spec
+    if store.zoom_group(zoom_index).factor > 1:
+        return _load_zoom_grid(store, zoom_index, model, metadata, progress, with_mean)
     H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
     nd = store.status()[zoom_index] != DONE  # never computed, or a read fault: NaN
     done = store.done_mask()
@@ -307,6 +366,42 @@ def load_zoom(store: EmbeddingStore, zoom_index: int, model: PSM | None = None, 
     return ZoomArrays(zoom_index, mean, vs, unc)
 
 
+def _load_zoom_grid(store: EmbeddingStore, zoom_index: int, model, metadata, progress, with_mean) -> ZoomArrays:
+    """:func:`load_zoom` of a zoom on its own grid (factor > 1): cells in memory, uncertainty resampled."""
+    from dataclasses import replace
+
+    spec = store.spec
+    g = store.zoom_group(zoom_index)
+    h, w, D = g.height, g.width, spec.fc_dim
+    ok = store.zoom_status(zoom_index) == DONE
+    rows, cols, zs = slice(0, h), slice(0, w), slice(zoom_index, zoom_index + 1)
+    if model is None:
+        mean = np.asarray(store.read("mean", rows, cols, zoom_index)) if with_mean else None
+        vs = np.asarray(store.read("var_sum", rows, cols, zoom_index), np.float32)
+        unc = np.asarray(store.read("uncertainty", rows, cols, zoom_index), np.float32)
+    else:
+        mean = np.full((h, w, D), np.nan, np.float32)
+        vs = np.full((h, w), np.nan, np.float32)
+        unc = np.full((h, w), np.nan, np.float32)
+        lonlat = _LonLat(store, zoom_index)
+        done = store.done_mask(zoom_index)
+        blocks = [replace(b, zooms=zs.indices(len(spec.zoom_levels))[:2])
+                  for b in iter_blocks(h, w, spec.block_size) if done[b.index]]
+        for i, b in enumerate(blocks):
+            ys, xs = b.slices
+            z = store.read("z_img", ys, xs, zs, where=f"block {b.index} of zoom {spec.zoom_levels[zoom_index]}")
+            m, v, u = _fuse_from_z_img(model, z, metadata, *lonlat(b))
+            mean[ys, xs], vs[ys, xs], unc[ys, xs] = m[0], v[0], u[0]
+            if progress is not None:
+                progress(i + 1, len(blocks))
+    vs[~ok], unc[~ok] = np.nan, np.nan
+    if mean is not None:
+        mean[~ok] = np.nan
+    shape = (spec.height, spec.width)
+    return ZoomArrays(zoom_index, mean, vs, resample(unc, ok, g.factor, shape), factor=g.factor, ok=ok,
+                      out_shape=shape)
+
+
 def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: torch.Tensor | None,
                     zoom_index: int | None = None) -> np.ndarray:
     """Similarity ``[Q, H, W]`` (float32) of the queries ``(qm, qvs)`` (from :func:`prepare_query`)
@@ -331,8 +426,13 @@ def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: 
     if isinstance(source, ZoomArrays):
         if source.mean is None:
             raise ValueError("these ZoomArrays do not hold the means: pass the store")
+        if source.factor > 1:  # on the zoom's own grid: resample (linear in mean and var_sum)
+            return resample(sim_of(source.mean, source.var_sum), source.ok, source.factor, source.out_shape)
         return sim_of(source.mean, source.var_sum)
     store, spec = source, source.spec
+    g = store.zoom_group(zoom_index)
+    if g.factor > 1:
+        return query_zoom_grid(store, zoom_index, qm, qvs)[0]
     H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
     out = np.full((Q, H, W), np.nan, np.float32)
     done = store.done_mask()

@@ -22,7 +22,9 @@ from .checks import (_check_overlap, _check_output, _check_store_root, _store_ur
                      _warn_imagery_mismatch, default_store_dir)
 from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default_imagery,  # noqa: F401
                      imagery_sat_type)
-from .embed import ImageEmbedder, MetadataOptions, Timings, embed_windows, read_block, resolve_device
+from .embed import (ImageEmbedder, MetadataOptions, Timings, cut_batches, embed_windows, read_block,
+                    resolve_device)
+from .pipeline import PipelineStats, default_readers, stream_units
 from .errors import ImageryError, InputError, StoreError
 from .grid import OutputGrid, make_grid
 from .tiling import ChipReader
@@ -30,7 +32,8 @@ from .offline import set_offline
 from .model.checkpoint import file_sha256
 from .outputs import build_map_result, describe_outputs, write_outputs
 from .query import build_queries, query_store
-from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec
+from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
+from .zoomgrid import zoom_factors, zoom_grid
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
@@ -152,8 +155,34 @@ class StoreFill:
 
 
 def region_need(store: EmbeddingStore, grid: OutputGrid, block, status=None) -> np.ndarray:
-    """bool ``[Z, h, w]``: the block's region pixels that the store has not computed (DONE)."""
+    """bool ``[Z, h, w]``: the block's region pixels that the store has not computed (DONE).
+    ``grid``: the grid of the block's zooms (:func:`zoom_plan`; the output grid when dense)."""
     return store.pending(block, grid.mask[block.slices], status)
+
+
+def zoom_plan(store: EmbeddingStore, grid: OutputGrid) -> list[tuple[tuple[int, int] | None, tuple[int, ...], OutputGrid]]:
+    """``[(zooms, zoom levels, grid)]``: what a run computes, per zoom grid of the store. Dense:
+    one entry, every zoom on the output grid (``zooms`` None); scale-true: each zoom grid with
+    its mask = the cells the region's pixels are interpolated from."""
+    zl = tuple(int(z) for z in store.spec.zoom_levels)
+    if store.spec.dense:
+        return [(None, zl, grid)]
+    return [(g.zooms, zl[slice(*g.zooms)], zoom_grid(grid, g)) for g in store.groups]
+
+
+def work_units(store: EmbeddingStore, grid: OutputGrid, block_size: int, status=None):
+    """``[(block, zoom levels, grid)]`` of every block holding pixels to compute, zoom grid by zoom
+    grid (dense: the output grid's blocks, every zoom). ``status``: the store's, read once."""
+    from dataclasses import replace
+
+    status = store.status() if status is None else status
+    out = []
+    for zooms, zl, zg in zoom_plan(store, grid):
+        for b in zg.blocks(block_size):
+            b = b if zooms is None else replace(b, zooms=zooms)
+            if region_need(store, zg, b, status[(b.zoom_slice, *b.slices)]).any():
+                out.append((b, zl, zg))
+    return out
 
 
 def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: ImageEmbedder,
@@ -163,69 +192,87 @@ def compute_store(store: EmbeddingStore, grid: OutputGrid, source, embedder: Ima
     left to it and waited for at the end (lock files, :class:`BlockLocks`)."""
     from tqdm.auto import tqdm
 
-    zl = tuple(cfg.zoom_levels)
     status = store.status()
-    blocks = list(grid.blocks(cfg.block_size))
-    fill = StoreFill(blocks_total=len(blocks))
-    todo = [b for b in blocks if region_need(store, grid, b, status[(slice(None), *b.slices)]).any()]
-    if not todo:
+    fill = StoreFill(blocks_total=sum(1 for zooms, zl, zg in zoom_plan(store, grid)
+                                      for _ in zg.blocks(cfg.block_size)))
+    units = work_units(store, grid, cfg.block_size, status)
+    if not units:
         return fill
-    fill.pixels = sum(int(region_need(store, grid, b, status[(slice(None), *b.slices)]).sum())
-                      for b in todo)
+    fill.pixels = sum(int(region_need(store, zg, b, status[(b.zoom_slice, *b.slices)]).sum())
+                      for b, zl, zg in units)
     reader = ChipReader(source, grid.crs, grid.sat_type)
     locks = BlockLocks(store.url)
-    queue, deferred = list(todo), []
+    queue, deferred = list(units), []
 
     def claim():
         while queue:
-            b = queue.pop(0)
-            if locks.acquire(b.index):
-                return b
-            deferred.append(b)
+            u = queue.pop(0)
+            if locks.acquire(lock_key(u[0])):
+                return u
+            deferred.append(u)
         return None
 
-    def read(b):
-        need = region_need(store, grid, b)  # fresh: another run may have done part of it
+    def read(u):
+        b, zl, zg = u
+        need = region_need(store, zg, b)  # fresh: another run may have done part of it
         if not need.any():
             return None, need
-        return read_block(b, grid=grid, source=reader, zoom_levels=zl, need=need), need
+        return read_block(b, grid=zg, source=reader, zoom_levels=zl, need=need), need
 
-    def embed(b, windows, need):
+    def embed(u, windows, need, batches=None):
+        b = u[0]
         if windows is not None:
-            res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings)
+            res = embed_windows(b, windows, embedder, cfg.batch_size, cfg.min_valid, timings, batches)
             t0 = time.perf_counter()
             store.write_block(res)
             timings.write_s += time.perf_counter() - t0
             fill.blocks_computed += 1
             fill.faults += res.faults
             fill.fault_pixels += res.fault_pixels
-        locks.release(b.index)
+        locks.release(lock_key(b))
         bar.update(int(need.sum()))
 
     bar = tqdm(total=fill.pixels, unit="chip", desc="embedding", disable=not cfg.progress,
                smoothing=0.1)
+    readers = default_readers() if cfg.readers is None else int(cfg.readers)
+    host_cut = not getattr(embedder, "cuts_on_device", False)
+
+    def cut(u, result):
+        windows, _ = result
+        return iter(()) if windows is None else cut_batches(u[0], windows, cfg.batch_size, cfg.min_valid)
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="psm-prefetch") as pool:
-            b = claim()
-            fut = pool.submit(_timed, read, b) if b is not None else None
-            while b is not None:
-                (windows, need), dt = fut.result()
-                timings.read_s += dt
-                nb = claim()
-                fut = pool.submit(_timed, read, nb) if nb is not None else None
-                embed(b, windows, need)
-                b = nb
+        if readers == 0:  # the single prefetch thread of earlier versions (chips cut here)
+            with ThreadPoolExecutor(1, thread_name_prefix="psm-prefetch") as pool:
+                b = claim()
+                fut = pool.submit(_timed, read, b) if b is not None else None
+                while b is not None:
+                    (windows, need), dt = fut.result()
+                    timings.read_s += dt
+                    nb = claim()
+                    fut = pool.submit(_timed, read, nb) if nb is not None else None
+                    embed(b, windows, need)
+                    b = nb
+        else:  # N readers read, decode, warp and cut ahead into bounded queues
+            pstats = PipelineStats()
+            for unit in stream_units(claim, read, cut if host_cut else None, readers, depth=4, stats=pstats):
+                windows, need = unit.result
+                timings.read_s += unit.read_s
+                embed(unit.item, windows, need, unit.iter_batches() if host_cut and windows is not None else None)
+                timings.wait_s += unit.wait_s
+            timings.wait_s += pstats.wait_s
+            timings.queue_depth = pstats.mean_depth()
         if deferred:
-            who = sorted({locks.holder(b.index) or "?" for b in deferred})
+            who = sorted({locks.holder(lock_key(u[0])) or "?" for u in deferred})
             log_fn(f"waiting for {len(deferred)} blocks that another run ({', '.join(who)}) is "
                    "computing in this store")
         while deferred:
-            for b in list(deferred):
-                if locks.acquire(b.index):
-                    deferred.remove(b)
-                    (windows, need), dt = _timed(read, b)
+            for u in list(deferred):
+                if locks.acquire(lock_key(u[0])):
+                    deferred.remove(u)
+                    (windows, need), dt = _timed(read, u)
                     timings.read_s += dt
-                    embed(b, windows, need)
+                    embed(u, windows, need)
             if deferred:
                 time.sleep(0.5)
     finally:
@@ -290,11 +337,17 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
         from .cube import check_cube_run
 
         check_cube_run(cfg, model.config, md)
+    if cfg.batch_size == "auto":
+        from .embed import auto_batch_size
+
+        cfg.batch_size = auto_batch_size(model, resolve_device(cfg.device))
+        log_fn(f"batch size: {cfg.batch_size} (auto, {resolve_device(cfg.device).type})")
     queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
     grid = make_grid(region, stride=cfg.stride, crs=cfg.crs, sat_type=model.config.sat_type,
                      zoom_levels=tuple(cfg.zoom_levels), max_pixels=cfg.max_pixels)
+    factors = zoom_factors(grid.sat_type, grid.stride, cfg.zoom_levels, cfg.zoom_sampling)
     log_fn(f"grid: {grid.width} x {grid.height} px of {grid.stride:g} m in {grid.crs.to_string()}; "
-           f"{grid.estimate(cfg.block_size)}")
+           f"{grid.estimate(cfg.block_size, zoom_factors=factors)}")
     source = open_source(cfg.imagery, **cfg.imagery_options)
     try:
         _check_overlap(source, region)
@@ -304,7 +357,8 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
         sha = file_sha256(ckpt)
         spec = StoreSpec.for_grid(grid, block_size=cfg.block_size, zoom_levels=cfg.zoom_levels,
                                   checkpoint_sha256=sha, imagery=source.identity(), min_valid=cfg.min_valid,
-                                  fc_dim=model.config.fc_dim, probabilistic=model.config.probabilistic)
+                                  fc_dim=model.config.fc_dim, probabilistic=model.config.probabilistic,
+                                  zoom_factors=factors)
         store_url = _store_url(cfg, spec)
         tags = provenance(model, sha, source, grid, md, cfg)
         store = EmbeddingStore.open_or_create(store_url, spec, attrs={
@@ -350,7 +404,8 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     timings = Timings()
     fill = StoreFill()
     with prep.source as source:
-        embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]))
+        embedder = ImageEmbedder(prep.model, prep.device, MetadataOptions(**store.attrs["metadata_options"]),
+                                 device_cut=cfg.device_cut, compile=cfg.compile)
         for attempt in range(3):  # a corrupt chunk found by the query: recompute its blocks
             f = compute_store(store, grid, source, embedder, cfg, timings, log_fn)
             fill.blocks_total = f.blocks_total
@@ -404,8 +459,11 @@ def check_faults(store: EmbeddingStore, grid: OutputGrid, source=None) -> int:
     :data:`MAX_FAULT_FRACTION` of the region the imagery source is failing: an
     :class:`ImageryError` (no map is written; the store keeps what was computed)."""
     st = store.status()
-    n = int((st[:, grid.mask] == FAULT).sum())
-    total = int(grid.mask.sum()) * st.shape[0]
+    n = total = 0
+    for zooms, _, zg in zoom_plan(store, grid):
+        sub = st[slice(None) if zooms is None else slice(*zooms), :zg.height, :zg.width]
+        n += int((sub[:, zg.mask] == FAULT).sum())
+        total += int(zg.mask.sum()) * sub.shape[0]
     if total and n > MAX_FAULT_FRACTION * total:
         name = source.info.name if source is not None else "the imagery"
         raise ImageryError(f"{n:,} of {total:,} pixel-zooms of the region could not be read from "

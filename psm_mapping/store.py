@@ -35,9 +35,10 @@ from .grid import Block, OutputGrid, iter_blocks
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "psm-mapping-store/2"
+#: format 3: each zoom level on its own grid (``StoreSpec.zoom_factors``, :mod:`psm_mapping.zoomgrid`)
+STORE_FORMAT = "psm-mapping-store/3"
 #: formats this version refuses, with what to do
-OLD_FORMATS = ("psm-mapping-store/1",)
+OLD_FORMATS = ("psm-mapping-store/1", "psm-mapping-store/2")
 ARRAYS = ("z_img", "mean", "var_sum", "uncertainty", "valid")
 #: pixel status codes of the ``status`` array
 PENDING, DONE, FAULT = 0, 1, 2
@@ -62,22 +63,35 @@ class StoreSpec:
     probabilistic: bool
     #: metadata behind the stored ``mean``/``var_sum`` (z_img does not depend on it)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: per zoom level the zoom grid's cell size in output pixels (:mod:`psm_mapping.zoomgrid`);
+    #: all 1 (or empty): every zoom on the output grid (dense sampling)
+    zoom_factors: tuple[int, ...] = ()
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        return tuple(int(f) for f in self.zoom_factors) or tuple(1 for _ in self.zoom_levels)
+
+    @property
+    def dense(self) -> bool:
+        return all(f == 1 for f in self.factors)
 
     def key(self) -> str:
         d = asdict(self)
         d.pop("metadata")
+        d["zoom_factors"] = list(self.factors)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
     @classmethod
     def for_grid(cls, grid: OutputGrid, *, block_size: int, zoom_levels, checkpoint_sha256: str,
                  imagery: str, min_valid: float, fc_dim: int, probabilistic: bool,
-                 metadata: dict | None = None) -> "StoreSpec":
+                 metadata: dict | None = None, zoom_factors=None) -> "StoreSpec":
         return cls(crs_wkt=grid.crs.to_wkt(), transform=tuple(grid.transform)[:6], width=grid.width,
                    height=grid.height, stride=float(grid.stride), block_size=int(block_size),
                    zoom_levels=tuple(int(z) for z in zoom_levels), sat_type=grid.sat_type,
                    checkpoint_sha256=checkpoint_sha256, imagery=imagery, min_valid=float(min_valid),
-                   fc_dim=int(fc_dim), probabilistic=bool(probabilistic), metadata=dict(metadata or {}))
+                   fc_dim=int(fc_dim), probabilistic=bool(probabilistic), metadata=dict(metadata or {}),
+                   zoom_factors=tuple(int(f) for f in (zoom_factors or (1,) * len(tuple(zoom_levels)))))
 
 
 @dataclass
@@ -174,8 +188,9 @@ class EmbeddingStore:
         if group.attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{url} is not a psm-mapping embedding store: pass the .zarr folder "
                              "that `psm-map` wrote under --store")
-        spec = StoreSpec(**{**group.attrs["spec"], "zoom_levels": tuple(group.attrs["spec"]["zoom_levels"]),
-                            "transform": tuple(group.attrs["spec"]["transform"])})
+        a = group.attrs["spec"]
+        spec = StoreSpec(**{**a, "zoom_levels": tuple(a["zoom_levels"]), "transform": tuple(a["transform"]),
+                            "zoom_factors": tuple(a.get("zoom_factors") or ())})
         store = cls(url, group, spec)
         store._check_arrays()
         return store
@@ -224,16 +239,42 @@ class EmbeddingStore:
         if block is not None:
             ys, xs = block.slices
             try:
-                return np.asarray(self.group["status"][:, ys, xs])
+                return np.asarray(self.group["status"][block.zoom_slice, ys, xs])
             except Exception:  # a corrupt status chunk: recompute the block
-                return np.zeros((len(self.spec.zoom_levels), block.height, block.width), np.uint8)
+                return np.zeros((self._nz(block), block.height, block.width), np.uint8)
         try:
             return np.asarray(self.group["status"][:])
         except Exception:
             out = np.zeros((len(self.spec.zoom_levels), self.spec.height, self.spec.width), np.uint8)
             for b in self.iter_blocks():
-                out[(slice(None), *b.slices)] = self.status(b)
+                out[(b.zoom_slice, *b.slices)] = self.status(b)
             return out
+
+    def _nz(self, block: Block) -> int:
+        return len(range(len(self.spec.zoom_levels))[block.zoom_slice])
+
+    # ------------------------------------------------------------------ zoom grids
+    @property
+    def groups(self):
+        """The zoom grids (:class:`~psm_mapping.zoomgrid.ZoomGroup`): dense stores have one, the
+        output grid with every zoom; each zoom's arrays fill the top-left ``height`` x ``width``
+        of its plane of the ``[zoom, y, x]`` arrays."""
+        from .zoomgrid import zoom_groups
+
+        return zoom_groups(self.spec.height, self.spec.width, self.spec.factors)
+
+    def zoom_group(self, zoom_index: int):
+        from .zoomgrid import group_of
+
+        return group_of(self.groups, zoom_index)
+
+    def zoom_status(self, zoom_index: int) -> np.ndarray:
+        """uint8 ``[h, w]``: status of zoom ``zoom_index`` on its own grid."""
+        g = self.zoom_group(zoom_index)
+        try:
+            return np.asarray(self.group["status"][zoom_index, :g.height, :g.width])
+        except Exception:
+            return self.status()[zoom_index, :g.height, :g.width]
 
     def pending(self, block: Block, need: np.ndarray, status: np.ndarray | None = None) -> np.ndarray:
         """bool ``[Z, h, w]``: pixels of ``need`` (bool [h, w], e.g. the region) not DONE yet."""
@@ -245,13 +286,20 @@ class EmbeddingStore:
         need = np.ones((block.height, block.width), bool) if need is None else need
         return not self.pending(block, need).any()
 
-    def done_mask(self) -> np.ndarray:
-        """bool ``[block rows, block columns]``: blocks with computed pixels."""
+    def done_mask(self, zoom_index: int | None = None) -> np.ndarray:
+        """bool ``[block rows, block columns]``: blocks with computed pixels (``zoom_index``: the
+        blocks of that zoom's own grid)."""
         st = self.status()
         bs = self.spec.block_size
+        if zoom_index is not None:
+            g = self.zoom_group(zoom_index)
+            out = np.zeros((-(-g.height // bs), -(-g.width // bs)), bool)
+            for b in iter_blocks(g.height, g.width, bs):
+                out[b.index] = bool((st[(zoom_index, *b.slices)] == DONE).any())
+            return out
         nby, nbx = -(-self.spec.height // bs), -(-self.spec.width // bs)
         out = np.zeros((nby, nbx), bool)
-        for b in self.iter_blocks():
+        for b in iter_blocks(self.spec.height, self.spec.width, bs):
             out[b.index] = bool((st[(slice(None), *b.slices)] == DONE).any())
         return out
 
@@ -277,12 +325,13 @@ class EmbeddingStore:
                     new[n] = new[n].copy()
                     new[n][keep] = old[n][keep]
                 status[keep] = old_status[keep]
+        zs = b.zoom_slice
         try:
-            g["z_img"][:, ys, xs, :] = new["z_img"]
-            g["mean"][:, ys, xs, :] = new["mean"]
+            g["z_img"][zs, ys, xs, :] = new["z_img"]
+            g["mean"][zs, ys, xs, :] = new["mean"]
             for n in ("var_sum", "uncertainty", "valid"):
-                g[n][:, ys, xs] = new[n]
-            g["status"][:, ys, xs] = status
+                g[n][zs, ys, xs] = new[n]
+            g["status"][zs, ys, xs] = status
         except OSError as exc:
             raise _os_error(exc, self.url, f"write block {b.index} of the embedding store") from None
 
@@ -291,8 +340,7 @@ class EmbeddingStore:
         computes them again."""
         for b in blocks:
             ys, xs = b.slices
-            self.group["status"][:, ys, xs] = np.zeros(
-                (len(self.spec.zoom_levels), b.height, b.width), np.uint8)
+            self.group["status"][b.zoom_slice, ys, xs] = np.zeros((self._nz(b), b.height, b.width), np.uint8)
 
     def find_corrupt_blocks(self, names=(*ARRAYS, "status")) -> list[Block]:
         """Blocks with a chunk that does not decode (checksum mismatch, truncation)."""
@@ -307,6 +355,8 @@ class EmbeddingStore:
     def read_block(self, block: Block, names=ARRAYS, zoom_index: int | slice = slice(None)) -> dict:
         """``{name: array}`` of one block (a :class:`StoreError` if a chunk does not decode)."""
         ys, xs = block.slices
+        if isinstance(zoom_index, slice) and zoom_index == slice(None):
+            zoom_index = block.zoom_slice
         return {n: self.read(n, ys, xs, zoom_index, where=f"block {block.index}") for n in names}
 
     def read(self, name: str, ys: slice = slice(None), xs: slice = slice(None),
@@ -324,8 +374,17 @@ class EmbeddingStore:
                                     ) from None
 
     def iter_blocks(self) -> Iterator[Block]:
-        """Every block of the store's grid (done or not), row-major."""
-        return iter_blocks(self.spec.height, self.spec.width, self.spec.block_size)
+        """Every block of the store's grid (done or not), row-major; a store with zooms on their own
+        grids (scale-true sampling): the blocks of each zoom grid in turn (``Block.zooms`` set)."""
+        from dataclasses import replace
+
+        bs = self.spec.block_size
+        if self.spec.dense:
+            yield from iter_blocks(self.spec.height, self.spec.width, bs)
+            return
+        for g in self.groups:
+            for b in iter_blocks(g.height, g.width, bs):
+                yield replace(b, zooms=g.zooms)
 
     @property
     def attrs(self) -> dict:
@@ -335,6 +394,13 @@ class EmbeddingStore:
         st = self.status()
         return (f"EmbeddingStore({self.url!r}, {int((st == DONE).sum())} pixel-zooms done, "
                 f"{int((st == FAULT).sum())} faults)")
+
+
+def lock_key(block: Block) -> tuple:
+    """The lock of a block: its chunk index (and its zoom grid, for a store with zooms on their
+    own grids)."""
+    return tuple(int(i) for i in block.index) if block.zooms is None else \
+        (f"z{block.zooms[0]}", *(int(i) for i in block.index))
 
 
 class CorruptChunkError(StoreError):
@@ -405,7 +471,7 @@ class BlockLocks:
         self.held: set[tuple[int, int]] = set()
 
     def _path(self, index) -> Path:
-        return self.dir / f"{index[0]}_{index[1]}.lock"
+        return self.dir / ("_".join(str(i) for i in index) + ".lock")
 
     def holder(self, index) -> str | None:
         """``"pid N on HOST"`` of a live holder other than this process, else None."""
@@ -433,7 +499,7 @@ class BlockLocks:
         """Take the lock of block ``index``; False while another live run holds it."""
         if self.dir is None:
             return True
-        index = tuple(int(i) for i in index)
+        index = tuple(index)
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self._path(index)
         for _ in range(2):
@@ -451,7 +517,7 @@ class BlockLocks:
         return False
 
     def release(self, index) -> None:
-        index = tuple(int(i) for i in index)
+        index = tuple(index)
         if self.dir is not None and index in self.held:
             self._path(index).unlink(missing_ok=True)
             self.held.discard(index)

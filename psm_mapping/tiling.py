@@ -139,6 +139,12 @@ class _Tile:
     faults: int
 
 
+class _InFlight:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+
+
 class _LRU:
     """Lattice tiles by key, evicted least recently used past ``max_bytes`` (thread-safe)."""
 
@@ -146,6 +152,26 @@ class _LRU:
         self.max_bytes, self.nbytes = int(max_bytes), 0
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        #: keys being read now -> a holder whose ``done`` event is set with ``value`` (parallel
+        #: readers of neighbouring blocks wait for one read of a shared halo tile, not read it twice)
+        self.inflight: dict = {}
+
+    def claim(self, key):
+        """``(holder, True)`` for the thread that must read ``key``, ``(holder, False)`` for one
+        that should wait on ``holder.done`` (another thread is reading it)."""
+        with self._lock:
+            h = self.inflight.get(key)
+            if h is not None:
+                return h, False
+            h = _InFlight()
+            self.inflight[key] = h
+            return h, True
+
+    def release(self, key, holder, value) -> None:
+        holder.value = value
+        with self._lock:
+            self.inflight.pop(key, None)
+        holder.done.set()
 
     def get(self, key):
         with self._lock:
@@ -185,6 +211,21 @@ class LatticeReader:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
+        holder, mine = self.cache.claim(key)
+        if not mine:  # another reader thread is reading this tile: use its result
+            holder.done.wait()
+            if holder.value is not None:
+                return holder.value
+            return self.tile(ti, tj)  # its read raised: try ourselves
+        t = self.cache.get(key)  # read and released between our miss and our claim
+        try:
+            if t is None:
+                t = self._read_tile(key, ti, tj)
+        finally:
+            self.cache.release(key, holder, t)
+        return t
+
+    def _read_tile(self, key, ti: int, tj: int) -> _Tile:
         T, r = self.tile_px, self.res
         bounds = ((tj * T) * r, -((ti + 1) * T) * r, ((tj + 1) * T) * r, -(ti * T) * r)
         win = self.source.read(bounds, self.crs, (T, T))

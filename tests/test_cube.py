@@ -298,6 +298,8 @@ def test_bad_cube_input_query(case, inp, built, tmp_path, capsys):
     ("none", ["--months", "1-12"], ["no metadata fusion", "metadata checkpoint"]),
     ("latlong_month", ["--hours", "0-23"], ["have no hour", "--hours"]),
     ("latlong_month_time_asource_tsource", ["--hours", "5-2"], ["backwards"]),
+    ("latlong_month_time_asource_tsource", ["--months", "1,2", "--zoom-sampling", "scale"],
+     ["--zoom-sampling dense"]),
 ])
 def test_bad_cube_input_map_run(metadata_type, extra, words, inp, ckpt_factory, tmp_path, capsys):
     """A map run refuses before it creates the store or writes anything."""

@@ -38,6 +38,9 @@ def cmd_info(argv: list[str]) -> int:
 
             st = EmbeddingStore.open(path)
             print(repr(st))
+            zl = st.spec.zoom_levels
+            print("  zoom sampling: " + ("dense (every zoom at every pixel)" if st.spec.dense else "scale-true: " + ", ".join(
+                f"zoom {zl[k]} on cells of {g.factor} px ({g.height} x {g.width})" for g in st.groups for k in g.indices)))
             for k, v in st.attrs.get("provenance", {}).items():
                 print(f"  {k}: {v}")
             if st.attrs.get("tokenizer"):

@@ -47,7 +47,8 @@ class LocalRasterSource(ImagerySource):
                  resampling: str = "cubic", use_overviews: bool = True):
         self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._datasets: dict[int | None, rasterio.io.DatasetReader] = {}
+        self._owner = threading.get_ident()
+        self._datasets: dict = {}
         self._same_crs_cache: dict[str, bool] = {}
         try:
             src = rasterio.open(self.path)
@@ -125,10 +126,13 @@ class LocalRasterSource(ImagerySource):
         return None
 
     def _dataset(self, level: int | None):
-        ds = self._datasets.get(level)
+        """This thread's handle of ``level`` (GDAL handles are not shared between threads, so
+        parallel readers read concurrently; call with the lock held)."""
+        key = level if threading.get_ident() == self._owner else (threading.get_ident(), level)
+        ds = self._datasets.get(key)
         if ds is None:
             ds = rasterio.open(self.path, overview_level=level)
-            self._datasets[level] = ds
+            self._datasets[key] = ds
         return ds
 
     def _overview_level(self, bounds, crs: CRS, shape) -> int | None:
@@ -156,17 +160,18 @@ class LocalRasterSource(ImagerySource):
         with self._lock:
             level = self._overview_level((left, bottom, right, top), crs, (h, w))
             src = self._dataset(level)
-            try:
-                if self._is_same_grid_crs(src, crs):
-                    raw, mask = self._read_direct(src, (left, bottom, right, top), (h, w))
-                else:
-                    raw, mask = self._read_warped(src, crs, (left, bottom, right, top), (h, w))
-            except ImageryError:
-                raise
-            except Exception as exc:
-                raise ImageryError(f"cannot read {self.path!r} ({str(exc).splitlines()[0]}): "
-                                   "check the file opens with gdalinfo and covers the "
-                                   "region") from None
+            direct = self._is_same_grid_crs(src, crs)
+        try:  # outside the lock: each thread reads through its own handle
+            if direct:
+                raw, mask = self._read_direct(src, (left, bottom, right, top), (h, w))
+            else:
+                raw, mask = self._read_warped(src, crs, (left, bottom, right, top), (h, w))
+        except ImageryError:
+            raise
+        except Exception as exc:
+            raise ImageryError(f"cannot read {self.path!r} ({str(exc).splitlines()[0]}): "
+                               "check the file opens with gdalinfo and covers the "
+                               "region") from None
         data = self._to_uint8(raw)
         data[:, ~mask] = 0
         return ImageryWindow(data=data, mask=mask, bounds=(left, bottom, right, top), crs=crs)
@@ -275,12 +280,14 @@ class LocalRasterSource(ImagerySource):
         return f"local:{h.hexdigest()[:32]}"
 
     def close(self) -> None:
-        for ds in self._datasets.values():
+        with self._lock:
+            handles = list(self._datasets.values())
+            self._datasets.clear()
+        for ds in handles:
             try:
                 ds.close()
             except Exception:  # pragma: no cover
                 pass
-        self._datasets.clear()
 
     def __repr__(self) -> str:
         return f"LocalRasterSource({self.path!r}, bands={self.bands}, stretch={self.stretch})"

@@ -107,8 +107,13 @@ class PSMLightning(pl.LightningModule):
         return img, aud, txt
 
     def _pair_loss(self, a: ProbEmbedding, b: ProbEmbedding):
-        """The criterion on the local batch, or against the gallery gathered from every rank (the
-        reference's distributed loss: local rows first, other ranks' pairs labelled ``label_smoothing``)."""
+        """The criterion on the local batch, or (DDP) on the whole global batch: every rank gathers
+        both sides from every rank (in rank order, its own rows kept as computed so gradients flow
+        to them) and computes the loss of all ``world x B`` pairs, so each rank's loss *is* the
+        single-process loss of that global batch, pseudo-positives over the whole matrix included.
+        Gradients: the gather's backward sums what every rank sends to a rank's rows (``world``
+        times the same values) and DDP averages over ranks, which gives exactly the single-process
+        gradient (``tests/test_ddp.py``: 2 processes x B equal one process x 2B within 1e-5)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         if world <= 1 or not self.hparams.gather_distributed:
             return self.criterion(a, b)
@@ -116,18 +121,19 @@ class PSMLightning(pl.LightningModule):
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             g = self.all_gather(t, sync_grads=True)  # [world, B, D]
-            return torch.cat([t] + [g[i] for i in range(world) if i != rank])
+            return torch.cat([t if i == rank else g[i] for i in range(world)])
 
         def all_of(e: ProbEmbedding) -> ProbEmbedding:
-            return ProbEmbedding(gather(e.mean), logvar=None if e.logvar is None else gather(e.logvar), raw_mean=gather(e.raw_mean))
+            return ProbEmbedding(gather(e.mean), logvar=None if e.logvar is None else gather(e.logvar),
+                                 raw_mean=gather(e.raw_mean))
 
-        n = len(a)
-        eye = torch.eye(n, device=a.mean.device)
-        other = torch.full((n, n * (world - 1)), self.hparams.label_smoothing, device=a.mean.device)
-        matched = torch.cat([eye, other], dim=1)
-        la, sa = self.criterion(a, all_of(b), matched=matched)
-        lb, sb = self.criterion(b, all_of(a), matched=matched)
-        return (la + lb) / 2, {k: (sa[k] + sb[k]) / 2 for k in sa}
+        return self.criterion(all_of(a), all_of(b))
+
+    def on_train_start(self) -> None:
+        # metadata dropout: every rank draws its own items (the same seed on every rank would drop
+        # the same positions of each local batch); rank 0 keeps the single-process draws
+        if self.global_rank:
+            self._dropout_gen.manual_seed(int(self.hparams.seed) + 1000 * int(self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int):
         img, aud, txt = self.embed(batch, train=True)
@@ -190,6 +196,16 @@ class PSMLightning(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------- initialisation
+def _sync_batchnorm(cfg) -> bool:
+    """DDP on several GPUs: the CLAP audio BatchNorm normalises over the global batch (SyncBatchNorm,
+    GPU only), as one process with the whole batch does."""
+    import torch
+
+    gpu = str(cfg.accelerator) in ("gpu", "cuda") or (str(cfg.accelerator) == "auto" and torch.cuda.is_available())
+    many = cfg.devices not in (1, "1", [0], None) and not (isinstance(cfg.devices, int) and cfg.devices < 2)
+    return bool(gpu and many)
+
+
 def load_satmae(backbone: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Load a SatMAE / MAE pretrain checkpoint (``{'model': timm ViT weights, ...}`` or a bare
     state_dict) into ``backbone`` non-strictly: returns ``(missing, unexpected)`` key lists.
@@ -389,7 +405,7 @@ def fit(cfg: TrainConfig) -> TrainResult:
         check_val_every_n_epoch=None, limit_val_batches=cfg.limit_val_batches if val_loader is not None else 0,
         num_sanity_val_steps=0, enable_progress_bar=cfg.progress, enable_model_summary=cfg.progress,
         log_every_n_steps=max(1, min(cfg.log_every_n_steps, interval)), default_root_dir=str(out),
-        use_distributed_sampler=False)
+        use_distributed_sampler=False, sync_batchnorm=_sync_batchnorm(cfg))
     if cfg.validate_first and val_loader is not None:
         trainer.validate(module, dataloaders=val_loader, verbose=False)
         module.val_history[-1]["step"] = 0
