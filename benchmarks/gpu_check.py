@@ -114,7 +114,8 @@ def map_part(device: torch.device, folder: Path, stride: float) -> None:
         row(f"map run {dtype} (ViT {'B/16' if gpu else '768 x 2'}, zooms 1,3,5, readers default)",
             f"{run.chips / emb:.0f} chips/s",
             f"{run.chips} chips in {emb:.1f} s; model busy {busy:.0%} of the embedding time; read {s.get('read', 0):.1f} s "
-            f"(summed over readers); {'device' if gpu else 'host'}-side cutting; "
+            f"(summed over readers); model waited {s.get('model_waits_for_readers', 0):.1f} s for readers, queue depth "
+            f"{run.queue_depth:.1f}; {'device' if gpu else 'host'}-side cutting; "
             f"{[x for x in lines if x.startswith('batch size')][:1]}")
         import rasterio
 

@@ -56,6 +56,8 @@ class MapRun:
     blocks_retried: int | None = None
     #: region pixel-zooms that are NaN in the map because an imagery read failed
     fault_pixels: int = 0
+    #: readers' mean queue depth (blocks read ahead when the model asked for the next one)
+    queue_depth: float = 0.0
 
     @classmethod
     def from_timings(cls, outputs: dict, store: str, t_start: float, marks: Sequence[tuple[str, float]],
@@ -444,10 +446,11 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     return MapRun.from_timings(
         outputs, prep.store_url, prep.t_start,
         [("setup", t_setup), ("embed_total", t_embed), ("query", t_query), ("write", t_end)],
-        {"read": timings.read_s, "model": timings.model_s, "store_write": timings.write_s},
+        {"read": timings.read_s, "model": timings.model_s, "store_write": timings.write_s,
+         "model_waits_for_readers": timings.wait_s},
         pixels=grid.pixel_count, chips=timings.chips, blocks_total=fill.blocks_total,
         blocks_computed=fill.blocks_computed, image_model_calls=embedder.calls, faults=fill.faults,
-        fault_pixels=fault_pixels)
+        fault_pixels=fault_pixels, queue_depth=timings.queue_depth)
 
 
 #: above this fraction of the region's pixel-zooms masked for read faults, a run fails
