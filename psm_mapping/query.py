@@ -175,6 +175,16 @@ def _mask_not_done(status: np.ndarray, sims: list[np.ndarray], unc: np.ndarray) 
             s[nd] = np.nan
 
 
+def _slabs(H: int, W: int, bs: int, step: int, done: np.ndarray):
+    """``(row, height, col, width)`` of the slabs of an ``H`` x ``W`` grid: one band of blocks
+    (``bs`` rows) by ``step`` columns, skipping slabs with no block marked in ``done``."""
+    for bi, r in enumerate(range(0, H, bs)):
+        h = min(bs, H - r)
+        for c in range(0, W, step):
+            if done[bi, c // bs:(c + step) // bs + 1].any():
+                yield r, h, c, min(step, W - c)
+
+
 #: float16 bytes of ``mean`` read per slab by the fast path (a band of blocks, capped in width)
 SLAB_BYTES = 64 << 20
 
@@ -191,19 +201,14 @@ def _query_slabs(store: EmbeddingStore, qm: torch.Tensor, qvs: torch.Tensor | No
     unc[:] = store.read("uncertainty")
     step = max(1, SLAB_BYTES // (Z * bs * bs * D * 2)) * bs  # columns per slab, whole blocks
     qt = qm.T.contiguous().float()
-    for bi, r in enumerate(range(0, H, bs)):
-        h = min(bs, H - r)
-        for c in range(0, W, step):
-            if not done[bi, c // bs:(c + step) // bs + 1].any():
-                continue
-            w = min(step, W - c)
-            mean = torch.from_numpy(store.read("mean", slice(r, r + h), slice(c, c + w))).reshape(-1, D)
-            dot = _dot_f16(mean, qt).numpy().reshape(Z, h, w, -1)
-            for q, s in enumerate(sims):
-                if qvs is not None:
-                    s[:, r:r + h, c:c + w] = 2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs_all[:, r:r + h, c:c + w]
-                else:
-                    s[:, r:r + h, c:c + w] = dot[..., q]
+    for r, h, c, w in _slabs(H, W, bs, step, done):
+        mean = torch.from_numpy(store.read("mean", slice(r, r + h), slice(c, c + w))).reshape(-1, D)
+        dot = _dot_f16(mean, qt).numpy().reshape(Z, h, w, -1)
+        for q, s in enumerate(sims):
+            if qvs is not None:
+                s[:, r:r + h, c:c + w] = 2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs_all[:, r:r + h, c:c + w]
+            else:
+                s[:, r:r + h, c:c + w] = dot[..., q]
     if not done.all():
         nd = np.repeat(np.repeat(~done, bs, axis=0), bs, axis=1)[:H, :W]
         unc[:, nd] = np.nan
@@ -438,13 +443,8 @@ def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: 
     done = store.done_mask()
     vs_all = np.asarray(store.read("var_sum", zoom_index=zoom_index), np.float32)
     step = max(1, SLAB_BYTES // (bs * bs * D * 2)) * bs
-    for bi, r in enumerate(range(0, H, bs)):
-        h = min(bs, H - r)
-        for c in range(0, W, step):
-            if not done[bi, c // bs:(c + step) // bs + 1].any():
-                continue
-            w = min(step, W - c)
-            mean = store.read("mean", slice(r, r + h), slice(c, c + w), zoom_index)
-            out[:, r:r + h, c:c + w] = sim_of(mean, vs_all[r:r + h, c:c + w])
+    for r, h, c, w in _slabs(H, W, bs, step, done):
+        mean = store.read("mean", slice(r, r + h), slice(c, c + w), zoom_index)
+        out[:, r:r + h, c:c + w] = sim_of(mean, vs_all[r:r + h, c:c + w])
     out[:, store.status()[zoom_index] != DONE] = np.nan
     return out

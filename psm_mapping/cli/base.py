@@ -47,3 +47,10 @@ def whole(name: str, lo: int, hi: int):
 
     parse.__name__ = name
     return parse
+
+
+def add_query_terms(p: argparse.ArgumentParser) -> None:
+    """The query options every scoring command takes: ``--query``, ``--audio``, ``--combine``."""
+    p.add_argument("--query", action="append", default=[], metavar="TEXT", help="text query (repeatable)")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio query (repeatable)")
+    p.add_argument("--combine", action="store_true", help="combine each text with each audio as one query")

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, PSMError
-from .base import ArgumentParser, parser, whole
+from .base import ArgumentParser, add_query_terms, parser, whole
 
 
 def _zooms(text: str) -> tuple[int, ...]:
@@ -19,9 +19,7 @@ def _zooms(text: str) -> tuple[int, ...]:
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--query", action="append", default=[], metavar="TEXT", help="text query (repeatable)")
-    p.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio query (repeatable)")
-    p.add_argument("--combine", action="store_true", help="combine each text with each audio as one query")
+    add_query_terms(p)
     p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 (default: masked)")
     p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 (default: masked)")
     p.add_argument("--months", metavar="LIST", help="a month x hour cube over these months: 3,6,9 or 1-12 or "

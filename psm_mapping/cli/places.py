@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .base import ArgumentParser, whole
+from .base import ArgumentParser, add_query_terms, whole
 
 
 def _zooms(text: str) -> tuple[int, ...]:
@@ -15,9 +15,7 @@ def _zooms(text: str) -> tuple[int, ...]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--query", action="append", default=[], metavar="TEXT", help="text query (repeatable)")
-    p.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio query (repeatable)")
-    p.add_argument("--combine", action="store_true", help="combine each text with each audio as one query")
+    add_query_terms(p)
     p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 for sites without a month column value")
     p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 for sites without an hour column value")
     p.add_argument("--audio-source", help="yfcc, iNat, aporee or freesound (default: the column, else masked)")

@@ -5,14 +5,23 @@ import argparse
 import sys
 
 
-def _gb(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--memory-limit {text!r} is not a number of GB: give e.g. 4") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"--memory-limit {text!r} must be positive: give e.g. 4")
-    return v
+def _positive(flag: str, unit: str, example: str):
+    """An argparse type: a positive number of ``unit`` (``--memory-limit`` GB, ``--max-upload`` MB)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number of {unit}: give e.g. {example}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} must be positive: give e.g. {example}")
+        return v
+
+    return parse
+
+
+_gb = _positive("--memory-limit", "GB", "4")
+_mb = _positive("--max-upload", "MB", "20")
 
 
 def _port(text: str) -> int:
@@ -22,16 +31,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"--port {text!r} is not a whole number: give e.g. 8000") from None
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"--port {v} is out of range: give 1..65535 (0: any free port)")
-    return v
-
-
-def _mb(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-upload {text!r} is not a number of MB: give e.g. 20") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"--max-upload {text!r} must be positive: give e.g. 20")
     return v
 
 
