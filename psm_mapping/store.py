@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -468,6 +469,8 @@ class BlockLocks:
         local = _local_path(store_url.rstrip("/"))
         self.dir = local.with_name(local.name + ".locks") if local is not None else None
         self.stale_s, self.host, self.pid = stale_s, socket.gethostname(), os.getpid()
+        #: an unreadable lock file older than this is stale (seconds)
+        self.unreadable_stale_s = 30.0
         self.held: set[tuple[int, int]] = set()
 
     def _path(self, index) -> Path:
@@ -482,7 +485,11 @@ class BlockLocks:
             pid_s, host, t = p.read_text().split()[:3]
             pid, t = int(pid_s), float(t)
         except (OSError, ValueError):
-            return None if not p.exists() else f"an unknown process ({p})"
+            try:  # unreadable: a lock of an older version, or a file cut short; stale once old
+                age = time.time() - p.stat().st_mtime
+            except OSError:
+                return None
+            return None if age > self.unreadable_stale_s else f"an unknown process ({p})"
         if host == self.host and pid == self.pid:
             return None
         if host == self.host:
@@ -503,15 +510,26 @@ class BlockLocks:
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self._path(index)
         for _ in range(2):
+            # the lock appears whole or not at all: written under a private name, then hard-linked
+            # to the lock's name (atomic, and refused when the name exists), so a holder killed at
+            # any moment never leaves an empty lock behind
+            tmp = p.with_name(f".{p.name}.{self.pid}.{threading.get_ident()}")
+            tmp.write_text(f"{self.pid} {self.host} {time.time():.0f}\n")
             try:
-                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
+                    os.link(tmp, p)
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links: exclusive create
+                    with os.fdopen(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                        f.write(tmp.read_text())
             except FileExistsError:
                 if self.holder(index) is not None:
                     return False
                 p.unlink(missing_ok=True)  # stale, or our own from an earlier attempt
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{self.pid} {self.host} {time.time():.0f}\n")
+            finally:
+                tmp.unlink(missing_ok=True)
             self.held.add(index)
             return True
         return False

@@ -9,6 +9,7 @@ the region; full disks, corrupt chunks, leftovers and concurrent runs lose nothi
 from __future__ import annotations
 
 import os
+import time
 import re
 import shutil
 import subprocess
@@ -397,6 +398,17 @@ def test_stale_lock_of_a_dead_run_is_taken_over(inp, tmp_path):
         live.wait()
     locks.release_all()
     assert not (locks.dir / "0_0.lock").exists()
+    # a lock file cut short (its holder killed while writing, by an older version) is respected
+    # while fresh and taken over once old; locks are written whole, and no private file is left
+    cut = locks.dir / "0_2.lock"
+    cut.write_text("")
+    assert locks.holder((0, 2)) is not None and not locks.acquire((0, 2))
+    old = time.time() - 2 * locks.unreadable_stale_s
+    os.utime(cut, (old, old))
+    assert locks.holder((0, 2)) is None and locks.acquire((0, 2))
+    assert cut.read_text().split()[0] == str(os.getpid())
+    locks.release_all()
+    assert sorted(p.name for p in locks.dir.iterdir()) == ["0_1.lock"]  # the live one, not ours
 
 
 # -- smaller ones -----------------------------------------------------------------------------------
