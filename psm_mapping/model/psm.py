@@ -129,7 +129,7 @@ class SatEncoderCore(nn.Module):
         super().__init__()
         if backbone:  # left out when only stored z_img are fused (queries of a store)
             self.backbone = SatViT(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                               cfg.mlp_ratio)
+                                   cfg.mlp_ratio)
         self.projector = Projector(cfg.embed_dim, cfg.fc_dim)
         if cfg.uses_metadata:
             self.meta_fuser = MetaFuser(cfg.metadata_type, cfg.fc_dim, cfg.fuser_heads, cfg.fuser_layers)
