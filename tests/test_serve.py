@@ -188,6 +188,10 @@ def test_info(server, built):
     lon, lat = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True).transform(*CENTRE)
     assert w < lon < e and s < lat < n and e - w < 0.01
     assert info["basemap"] is None  # --basemap none
+    import zarr
+
+    prov = dict(zarr.open_group(str(built["store"]), mode="r").attrs.get("provenance", {}))
+    assert info["untrained"] is (prov.get("untrained_weights") == "true")
     fp = server.get("/api/footprint.geojson")
     assert fp.status_code == 200 and fp.headers["content-type"].startswith("application/geo+json")
     (feat,) = fp.json()["features"]

@@ -462,6 +462,9 @@ class Explorer:
             "bands": list(BANDS), "means_in_memory": self.hold_means, "memory_limit": self.memory_limit,
             "held_bytes": self.held_bytes, "max_upload_bytes": self.max_upload_bytes,
             "ranges": list(self.ranges.values()),
+            # a demo checkpoint with random weights: the page says the map is meaningless
+            "untrained": str(self.store.attrs.get("provenance", {}).get("untrained_weights", "")).lower() == "true"
+            or bool(self.model.source.get("hyper_parameters", {}).get("untrained")),
         }
 
     def stats(self) -> dict:

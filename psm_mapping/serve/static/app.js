@@ -311,6 +311,7 @@
     window.psm.info = info;
     $("store-info").textContent = info.width + " × " + info.height + " px of " + info.pixel_size_m + " m · " +
       info.sat_type + " · " + info.checkpoint;
+    $("untrained").hidden = !info.untrained;
     $("metadata-group").hidden = !info.metadata_adjustable;
     buildZoomButtons();
     showMetadata();
