@@ -142,3 +142,201 @@ def test_block_bootstrap_interval_covers_at_the_stated_rate():
         ci = percentile_interval(lambda w: metrics.auc_replicates(scores, positive, w), blocks, 300, seed=rep)
         covered += ci.low <= true_auc <= ci.high
     assert abs(covered / 200 - 0.95) <= 0.05, covered
+
+
+# -- a real COG through the library and the CLI ------------------------------------------------
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import geopandas as gpd  # noqa: E402
+from affine import Affine  # noqa: E402
+from pyproj import CRS, Transformer  # noqa: E402
+
+from psm_mapping.assessment import assess  # noqa: E402
+from psm_mapping.cli import main  # noqa: E402
+from psm_mapping.outputs import MapBand, MapResult, write_cog  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+UTM = "EPSG:32632"
+MT = Affine(100.0, 0, 500_000.0, 0, -100.0, 5_000_000.0)  # 100 m pixels
+H = W = 60
+QS = ("birds chirping", "rain on a roof")
+
+
+def write_map(path: Path, seed: int = 3) -> dict:
+    """A psm-map COG (the real writer): similarity per query at zooms 1 and 3, uncertainty per zoom,
+    a NaN corner (no imagery)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    arrays, bands = {}, []
+    for q, query in enumerate(QS):
+        for z in (1, 3):
+            a = (np.sin(xx / (7 + q)) + np.cos(yy / (9 + z)) + 0.1 * rng.normal(size=(H, W))).astype(np.float32)
+            a[:6, :6] = np.nan
+            name = f"similarity:{query}:z{z}"
+            arrays[name] = a
+            bands.append(MapBand(name, a, f"{query}, zoom {z}", "similarity", query, z))
+    for z in (1, 3):
+        u = (50 + rng.random((H, W))).astype(np.float32)
+        u[:6, :6] = np.nan
+        arrays[f"uncertainty:z{z}"] = u
+        bands.append(MapBand(f"uncertainty:z{z}", u, f"uncertainty, zoom {z}", "uncertainty", None, z))
+    write_cog(MapResult(bands, CRS.from_epsg(32632), MT, {"checkpoint": "tiny.ckpt", "checkpoint_sha256": "f00"}),
+              path)
+    return arrays
+
+
+def observations(n: int, seed: int, arrays: dict, band: str, *, outside: int = 0, nan: int = 0):
+    """Sites at random pixels: ``(frame with decimalLatitude/decimalLongitude/occurrenceStatus, rows,
+    cols)``; presence more likely where ``band`` is high; ``outside`` sites off the map, ``nan``
+    sites on the NaN corner."""
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(6, H, n), rng.integers(6, W, n)
+    rows[:nan], cols[:nan] = rng.integers(0, 6, nan), rng.integers(0, 6, nan)
+    x = MT.c + (cols + rng.uniform(0.05, 0.95, n)) * MT.a
+    y = MT.f + (rows + rng.uniform(0.05, 0.95, n)) * MT.e
+    x[nan:nan + outside] -= 50_000  # 50 km west of the map
+    lon, lat = Transformer.from_crs(UTM, 4326, always_xy=True).transform(x, y)
+    v = np.nan_to_num(arrays[band][rows, cols])
+    present = rng.random(n) < 1 / (1 + np.exp(-2 * v))
+    frame = pd.DataFrame({"occurrenceID": [f"o{i}" for i in range(n)], "decimalLatitude": lat,
+                          "decimalLongitude": lon, "occurrenceStatus": np.where(present, "present", "absent"),
+                          "eventDate": "2024-05-03T06:30:00", "noise_db": 40 + 5 * v + rng.normal(0, 2, n)})
+    return frame, rows, cols
+
+
+@pytest.fixture(scope="module")
+def cog(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assess")
+    arrays = write_map(d / "map.tif")
+    frame, rows, cols = observations(300, 1, arrays, f"similarity:{QS[0]}:z1", outside=7, nan=5)
+    frame.to_csv(d / "obs.csv", index=False)
+    return {"dir": d, "map": d / "map.tif", "arrays": arrays, "obs": d / "obs.csv", "frame": frame, "rows": rows,
+            "cols": cols}
+
+
+def test_map_values_are_the_pixels_containing_the_sites(cog):
+    res = assess(source=str(cog["map"]), observations=str(cog["obs"]), bootstrap=200, seed=1)
+    assert res.kind == "presence-absence"
+    assert [b.band.name for b in res.bands] == [f"similarity:{q}:z{z}" for q in QS for z in (1, 3)]
+    present = cog["frame"]["occurrenceStatus"].eq("present").to_numpy()
+    inside = np.ones(300, bool)
+    inside[5:12] = False
+    for b in res.bands:
+        truth = cog["arrays"][b.band.name][cog["rows"], cog["cols"]].astype(np.float64)
+        got = res.table[b.band.name].to_numpy()
+        ok = inside & np.isfinite(truth)
+        np.testing.assert_array_equal(got[ok], truth[ok])
+        assert b.unscored == {"no_value": list(range(5)), "outside": list(range(5, 12))}
+        assert b.n == 288 and b.n_present == int(present[ok].sum())
+        f = b.figures["auc"]
+        assert f.value == pytest.approx(pair_count_auc(truth[ok], present[ok]), abs=1e-12)
+        assert f.low < f.value < f.high and f.replicates == 200
+        assert b.uncertainty["mean"] == pytest.approx(
+            np.mean(cog["arrays"][f"uncertainty:z{b.band.zoom}"][cog["rows"], cog["cols"]][ok]), rel=1e-6)
+    assert res.bands[0].figures["auc"].value > 0.7  # the band the presences follow
+    line = res.lines()[0]
+    assert line.startswith(f"{QS[0]}, zoom 1: AUC 0.") and line.endswith(f"n 288 ({res.bands[0].n_present} present)")
+    # the same seed: the same intervals; --query picks bands
+    again = assess(source=str(cog["map"]), observations=str(cog["obs"]), bootstrap=200, seed=1, queries=[QS[1]])
+    assert [b.band.query for b in again.bands] == [QS[1], QS[1]]
+    assert again.bands[0].figures["auc"] == res.bands[2].figures["auc"]
+
+
+def test_numeric_and_presence_only_kinds(cog, tmp_path):
+    num = assess(source=str(cog["map"]), observations=str(cog["obs"]), column="noise_db", bootstrap=100)
+    assert num.kind == "numeric"
+    b = num.bands[0]
+    ok = num.table[b.band.name].notna().to_numpy()
+    x, y = num.table[b.band.name][ok], num.table["noise_db"][ok]
+    assert abs(b.figures["pearson"].value - x.corr(y)) < 1e-12
+    assert abs(b.figures["spearman"].value - x.rank().corr(y.rank())) < 1e-12
+    assert b.figures["spearman"].value > 0.5
+    # presences only (a GeoJSON in the map's UTM zone): AUC against seeded background, Boyce index
+    pres = cog["frame"][cog["frame"]["occurrenceStatus"] == "present"].drop(columns="occurrenceStatus")
+    g = gpd.GeoDataFrame(pres.drop(columns=["decimalLatitude", "decimalLongitude"]),
+                         geometry=gpd.points_from_xy(pres["decimalLongitude"], pres["decimalLatitude"]),
+                         crs=4326).to_crs(UTM)
+    g.to_file(tmp_path / "pres.geojson")
+    po = assess(source=str(cog["map"]), observations=str(tmp_path / "pres.geojson"), background=2000, bootstrap=50,
+                seed=4)
+    assert po.kind == "presence-only"
+    b = po.bands[0]
+    bg = po.background["values"][0]
+    assert len(bg) == 2000 and np.isfinite(bg).all()
+    v = po.table[b.band.name].dropna().to_numpy()
+    assert b.figures["auc"].value == pytest.approx(
+        metrics.auc(np.concatenate([bg, v]), np.r_[np.zeros(2000, bool), np.ones(len(v), bool)]), abs=1e-12)
+    assert b.figures["boyce"].value == pytest.approx(ecospat_boyce_reference(bg, v), abs=1e-12)
+    assert b.figures["boyce"].value > 0.5 and b.figures["auc"].value > 0.6
+    po2 = assess(source=str(cog["map"]), observations=str(tmp_path / "pres.geojson"), background=2000,
+                 bootstrap=50, seed=4)
+    np.testing.assert_array_equal(po2.background["values"], po.background["values"])
+
+
+def run_cli(*args, cwd=None):
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "psm_mapping.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_writes_json_table_and_html_report(cog, tmp_path):
+    outs = [tmp_path / "r.json", tmp_path / "sites.csv", tmp_path / "r.html"]
+    p = run_cli("assess", cog["map"], cog["obs"], "--bootstrap", "100", "--seed", "2",
+                *[a for o in outs for a in ("--out", o)], "--quiet")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("birds chirping, zoom 1: AUC ")
+    doc = json.loads(outs[0].read_text())
+    prov = doc["provenance"]
+    assert prov["observations"]["sha256"] == __import__("hashlib").sha256(cog["obs"].read_bytes()).hexdigest()
+    assert prov["source"]["kind"] == "map" and prov["checkpoint_sha256"] == "f00"
+    assert prov["settings"]["bootstrap"] == 100 and prov["settings"]["seed"] == 2
+    assert prov["settings"]["block_km"] > 0 and prov["observations"]["event_time"]
+    b0 = doc["bands"][0]
+    assert b0["summary"] == lines[0] and b0["unscored"]["outside"]["rows"] == list(range(6, 13))
+    assert 0.5 < b0["figures"]["auc"]["value"] < 1 and b0["figures"]["auc"]["low"] < b0["figures"]["auc"]["high"]
+    table = pd.read_csv(outs[1])
+    assert len(table) == 300 and table["assess:status:" + b0["band"]].fillna("").eq("outside").sum() == 7
+    page = outs[2].read_text()
+    assert page.count("data:image/png;base64,") == 4 and "Boyce" not in page.split("<h2>Methods")[0]
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = base64.b64decode(page.split("data:image/png;base64,")[1].split('"')[0])
+    assert Image.open(io.BytesIO(png)).size[0] > 400
+    # the same command again: refused (exists), nothing changed
+    before = outs[0].read_bytes()
+    p = run_cli("assess", cog["map"], cog["obs"], "--out", outs[0])
+    assert p.returncode == 2 and "exists" in p.stderr and outs[0].read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["no_coords", "unknown_column", "no_absence", "few_sites", "all_outside"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(cog, tmp_path, case):
+    f = cog["frame"].copy()
+    extra = []
+    if case == "no_coords":
+        f = f.drop(columns=["decimalLatitude", "decimalLongitude"])
+    elif case == "unknown_column":
+        extra = ["--column", "nosuch"]
+    elif case == "no_absence":
+        f["occurrenceStatus"] = "present"
+        extra = ["--kind", "presence-absence"]
+    elif case == "few_sites":
+        f = f.iloc[:9]
+    else:
+        f["decimalLongitude"] -= 5
+    obs = tmp_path / "obs.csv"
+    f.to_csv(obs, index=False)
+    p = run_cli("assess", cog["map"], obs, *extra, "--out", tmp_path / "r.json", "--out", tmp_path / "r.html",
+                "--out", tmp_path / "s.csv")
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psm-map: error: "), p.stderr
+    assert {"no_coords": "longitude", "unknown_column": "nosuch", "no_absence": "absences", "few_sites": "fewer than 10",
+            "all_outside": "outside"}[case] in err[0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["obs.csv"]
