@@ -340,3 +340,69 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cog, tmp_path, case)
     assert {"no_coords": "longitude", "unknown_column": "nosuch", "no_absence": "absences", "few_sites": "fewer than 10",
             "all_outside": "outside"}[case] in err[0]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["obs.csv"]
+
+
+# -- from a store: psm-map points at each site's month and hour ---------------------------------
+STORE_Q = "birds chirping"
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory, tiny_ckpt, tokenizer_dir):
+    """A real map run (tiny checkpoint with the metadata fuser) that leaves its embedding store."""
+    from psm_mapping.model.factory import tiny_clap_config
+    from servers import write_scene
+    from test_map_e2e import UTM as SCENE_UTM, write_region
+
+    d = tmp_path_factory.mktemp("assess_store")
+    left, top, res, size = 490_000.0, 4_994_000.0, 32.0, 500
+    cx, cy = left + size * res / 2, top - size * res / 2
+    scene = d / "scene.tif"
+    write_scene(scene, SCENE_UTM, left, top, res, size, size, seed=11)
+    clap = d / "clap.json"
+    tiny_clap_config().to_json_file(str(clap))
+    region = write_region(d / "region.geojson", half_m=400, shape="square", center=(cx, cy))
+    margs = ["--checkpoint", str(tiny_ckpt), "--clap-config", str(clap), "--tokenizer", str(tokenizer_dir),
+             "--device", "cpu", "--quiet"]
+    assert main([str(region), "--imagery", str(scene), "--zoom-level", "1,3", "--stride", "200", *margs,
+                 "--out", str(d / "map.tif"), "--no-previews", "--query", STORE_Q]) == 0
+    from psm_mapping.assessment.fromstore import is_store
+
+    [store] = [p for p in (d / "psm-store").iterdir() if is_store(p) == "store"]
+    rng = np.random.default_rng(5)
+    n = 14
+    x, y = cx + rng.uniform(-2500, 2500, n), cy + rng.uniform(-2500, 2500, n)
+    lon, lat = Transformer.from_crs(SCENE_UTM, 4326, always_xy=True).transform(x, y)
+    months = rng.integers(1, 13, n)
+    hours = rng.integers(0, 24, n)
+    dates = [f"2024-{m:02d}-11T{h:02d}:20:00+02:00" for m, h in zip(months, hours)]
+    dates[0], dates[1] = "2024-06-07", "2024-06-01/2024-07-15"  # a day: month only; across months: neither
+    obs = pd.DataFrame({"decimalLongitude": lon, "decimalLatitude": lat, "eventDate": dates,
+                        "occurrenceStatus": ["present", "absent"] * (n // 2)})
+    obs.to_csv(d / "obs.csv", index=False)
+    month = [6, ""] + [int(m) for m in months[2:]]
+    hour = ["", ""] + [int(h) for h in hours[2:]]
+    pd.DataFrame({"lon": lon, "lat": lat, "month": month, "hour": hour}).to_csv(d / "sites.csv", index=False)
+    return {"dir": d, "store": store, "scene": scene, "obs": d / "obs.csv", "sites": d / "sites.csv",
+            "margs": margs, "ckpt": tiny_ckpt}
+
+
+def test_store_scoring_equals_psm_map_points_at_each_sites_month_and_hour(built_store, tmp_path):
+    b = built_store
+    res = assess(source=str(b["store"]), observations=str(b["obs"]), queries=[STORE_Q], imagery=str(b["scene"]),
+                 device="cpu", bootstrap=50)
+    assert [band.band.name for band in res.bands] == [f"similarity:{STORE_Q}:z1", f"similarity:{STORE_Q}:z3"]
+    out = tmp_path / "pts.csv"
+    assert main(["points", str(b["sites"]), "--imagery", str(b["scene"]), "--zoom-level", "1,3", *b["margs"],
+                 "--out", str(out), "--query", STORE_Q, "--store", str(tmp_path / "ps")]) == 0
+    pts = pd.read_csv(out)
+    for z in (1, 3):
+        col = f"similarity:{STORE_Q}:z{z}"
+        np.testing.assert_allclose(res.table[col].to_numpy(), pts[col].to_numpy(), rtol=0, atol=1e-6)
+        assert np.isfinite(pts[col]).all()
+    assert res.provenance["observations"]["event_time"] and res.provenance["source"]["kind"] == "store"
+    assert res.provenance["checkpoint_sha256"]
+    # the month and hour change the values: without event time they differ from the table above
+    flat = assess(source=str(b["store"]), observations=str(b["obs"]), queries=[STORE_Q], imagery=str(b["scene"]),
+                  device="cpu", bootstrap=0, event_time=False)
+    col = f"similarity:{STORE_Q}:z1"
+    assert not np.allclose(flat.table[col].to_numpy(), pts[col].to_numpy(), rtol=0, atol=1e-6)

@@ -123,7 +123,7 @@ def _check_outputs(cfg: AssessConfig) -> None:
 
 def assess(cfg: AssessConfig | None = None, log_fn=None, **kw) -> AssessResult:
     """Assess ``cfg.source`` against ``cfg.observations``; ``kw``: :class:`AssessConfig` fields."""
-    from .bootstrap import spatial_blocks
+    from .bootstrap import default_block_km, spatial_blocks
     from .evaluate import evaluate_band
     from .observations import load_observations
 
@@ -145,9 +145,12 @@ def assess(cfg: AssessConfig | None = None, log_fn=None, **kw) -> AssessResult:
         raise InputError(f"every one of the {n} sites of {obs.path} is outside {cfg.source}: check the "
                          "observations' coordinates and CRS, or assess a map that covers them", option="observations")
     lon, lat = sites.lon, sites.lat
+    scored = np.any([r == "" for r in values.reasons], axis=0)  # the default block size: their extent
     if bg is not None:
         lon, lat = np.concatenate([lon, bg["lon"]]), np.concatenate([lat, bg["lat"]])
-    blocks = spatial_blocks(lon, lat, cfg.block_km)
+        scored = np.concatenate([scored, np.ones(len(bg["lon"]), bool)])
+    block_km = cfg.block_km if cfg.block_km is not None else default_block_km(lon[scored], lat[scored])
+    blocks = spatial_blocks(lon, lat, block_km)
     results = []
     for i, band in enumerate(values.bands):
         results.append(evaluate_band(band, obs.kind, values.values[i], values.reasons[i], obs.value, obs.rows, blocks,
@@ -159,7 +162,7 @@ def assess(cfg: AssessConfig | None = None, log_fn=None, **kw) -> AssessResult:
                          f"(at least {MIN_SITES} with a value)", option="observations")
     from .report import provenance, site_table, write_outputs
 
-    prov = provenance(cfg, obs, values, blocks, bg)
+    prov = provenance(cfg, obs, values, blocks, bg, int(len(np.unique(blocks.ids[scored]))))
     res = AssessResult(obs.kind, results, site_table(obs, values), prov,
                        background={} if bg is None else bg)
     if cfg.out:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["Blocks", "spatial_blocks", "replicate_weights", "Interval", "percentile_interval", "extent_km"]
+__all__ = ["Blocks", "spatial_blocks", "default_block_km", "replicate_weights", "Interval", "percentile_interval", "extent_km"]
 
 #: replicates per batch (a batch's weights are ``[CHUNK, n]`` float64)
 CHUNK = 64
@@ -45,7 +45,8 @@ def extent_km(lon: np.ndarray, lat: np.ndarray) -> float:
 
 
 def default_block_km(lon, lat) -> float:
-    return max(1.0, extent_km(lon, lat) / 10.0)
+    """A tenth of the points' extent, at least 1 km."""
+    return max(1.0, extent_km(lon, lat) / 10.0) if len(lon) else 1.0
 
 
 def spatial_blocks(lon, lat, block_km: float | None = None) -> Blocks:

@@ -49,7 +49,7 @@ def _clean(x):
     return x
 
 
-def provenance(cfg, obs, values, blocks, bg) -> dict:
+def provenance(cfg, obs, values, blocks, bg, n_blocks: int) -> dict:
     from .. import __version__
 
     tags = dict(values.source.get("tags", {}))
@@ -64,7 +64,7 @@ def provenance(cfg, obs, values, blocks, bg) -> dict:
                          "without_outcome": obs.dropped, "column": obs.column, "kind": obs.kind,
                          "event_time": obs.event_time},
         "settings": {"kind": cfg.kind, "bootstrap": int(cfg.bootstrap), "seed": cfg.seed, "level": 0.95,
-                     "block_km": blocks.block_km, "block_km_default": cfg.block_km is None, "blocks": blocks.count,
+                     "block_km": blocks.block_km, "block_km_default": cfg.block_km is None, "blocks": n_blocks,
                      "background": None if bg is None else len(bg["lon"]),
                      "event_time": cfg.event_time, "methods": SETTINGS_TEXT},
     }
