@@ -406,3 +406,30 @@ def test_store_scoring_equals_psm_map_points_at_each_sites_month_and_hour(built_
                   device="cpu", bootstrap=0, event_time=False)
     col = f"similarity:{STORE_Q}:z1"
     assert not np.allclose(flat.table[col].to_numpy(), pts[col].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_presence_only_from_a_store_draws_background_over_its_computed_pixels(built_store):
+    b = built_store
+    obs = pd.read_csv(b["obs"]).drop(columns="occurrenceStatus")
+    # 14 presences; 100 background points over the store's 4 x 4 computed pixels (800 m square)
+    path = b["dir"] / "po.csv"
+    pd.concat([obs, obs]).to_csv(path, index=False)
+    res = assess(source=str(b["store"]), observations=str(path), queries=[STORE_Q], imagery=str(b["scene"]),
+                 device="cpu", bootstrap=20, background=100, seed=3)
+    assert res.kind == "presence-only" and res.bands[0].n_background == 100
+    from psm_mapping.store import EmbeddingStore
+
+    spec = EmbeddingStore.open(str(b["store"])).spec
+    x, y = Transformer.from_crs(4326, CRS.from_wkt(spec.crs_wkt), always_xy=True).transform(
+        res.background["lon"], res.background["lat"])
+    t = Affine(*spec.transform)
+    assert (x >= t.c).all() and (x <= t.c + spec.width * t.a).all()
+    assert (y <= t.f).all() and (y >= t.f + spec.height * t.e).all()
+    assert np.isfinite(res.bands[0].figures["auc"].value) and np.isfinite(res.bands[0].figures["boyce"].value)
+
+
+def test_benchmark_smoke():
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_assess.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "map: 500 observations x 6 bands" in p.stdout and "ratio" in p.stdout

@@ -62,7 +62,7 @@ def store_background(url: str, n: int, seed) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     pick = flat[rng.integers(0, len(flat), n)]
     row, col = np.divmod(pick, w)
-    t = Affine(*spec.transform) * Affine.scale(f)
+    t = Affine(*spec.transform) @ Affine.scale(f)
     x, y = apply_affine(t, col + rng.random(n), row + rng.random(n))
     lon, lat = Transformer.from_crs(CRS.from_wkt(spec.crs_wkt), "EPSG:4326", always_xy=True).transform(x, y)
     return np.asarray(lon), np.asarray(lat)
