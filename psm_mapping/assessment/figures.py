@@ -13,7 +13,7 @@ __all__ = ["band_png"]
 MAX_RASTER_PX = 800
 
 
-def _raster_panel(ax, raster, lon, lat, colour, label):
+def _raster_panel(ax, raster, lon, lat, colour, label, binary: bool):
     from pyproj import Transformer
 
     if raster is None:
@@ -31,7 +31,8 @@ def _raster_panel(ax, raster, lon, lat, colour, label):
     right, bottom = left + W * transform.a, top + H * transform.e
     im = ax.imshow(a, extent=(left, right, bottom, top), cmap="magma", interpolation="nearest")
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
-    ax.scatter(x, y, c=colour, s=14, cmap="coolwarm", edgecolors="w", linewidths=0.4)
+    lim = {"vmin": 0, "vmax": 1} if binary else {}
+    ax.scatter(x, y, c=colour, s=14, cmap="coolwarm", edgecolors="w", linewidths=0.4, **lim)
     ax.set_title("sites over the band (red: present / high)")
     ax.set_xlabel(f"x ({crs.to_string()})")
     ax.tick_params(labelsize=7)
@@ -100,7 +101,7 @@ def band_png(res, values: np.ndarray, outcome: np.ndarray, lon, lat, background=
         ax.set_ylabel("share present")
         ax.set_title("presence rate by map value decile")
     _raster_panel(axs[1, 1], raster, np.asarray(lon)[ok], np.asarray(lat)[ok],
-                  y if res.kind != "numeric" else v, res.band.name)
+                  y if res.kind != "numeric" else v, res.band.name, res.kind != "numeric")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
