@@ -157,7 +157,7 @@ from pyproj import CRS, Transformer  # noqa: E402
 
 from psm_mapping.assessment import assess  # noqa: E402
 from psm_mapping.cli import main  # noqa: E402
-from psm_mapping.outputs import MapBand, MapResult, write_cog  # noqa: E402
+from psm_mapping.outputs import MapBand, MapResult, write_cog, write_zarr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UTM = "EPSG:32632"
@@ -184,8 +184,8 @@ def write_map(path: Path, seed: int = 3) -> dict:
         u[:6, :6] = np.nan
         arrays[f"uncertainty:z{z}"] = u
         bands.append(MapBand(f"uncertainty:z{z}", u, f"uncertainty, zoom {z}", "uncertainty", None, z))
-    write_cog(MapResult(bands, CRS.from_epsg(32632), MT, {"checkpoint": "tiny.ckpt", "checkpoint_sha256": "f00"}),
-              path)
+    (write_cog if path.suffix == ".tif" else write_zarr)(
+        MapResult(bands, CRS.from_epsg(32632), MT, {"checkpoint": "tiny.ckpt", "checkpoint_sha256": "f00"}), path)
     return arrays
 
 
@@ -244,6 +244,11 @@ def test_map_values_are_the_pixels_containing_the_sites(cog):
     again = assess(source=str(cog["map"]), observations=str(cog["obs"]), bootstrap=200, seed=1, queries=[QS[1]])
     assert [b.band.query for b in again.bands] == [QS[1], QS[1]]
     assert again.bands[0].figures["auc"] == res.bands[2].figures["auc"]
+    # the same map as Zarr: the same numbers
+    write_map(cog["dir"] / "map.zarr")
+    z = assess(source=str(cog["dir"] / "map.zarr"), observations=str(cog["obs"]), bootstrap=200, seed=1)
+    for a, b in zip(res.bands, z.bands):
+        assert a.figures == b.figures and a.unscored == b.unscored and a.uncertainty == b.uncertainty
 
 
 def test_numeric_and_presence_only_kinds(cog, tmp_path):

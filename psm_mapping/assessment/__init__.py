@@ -181,13 +181,13 @@ def _site_values(cfg: AssessConfig, obs, log_fn):
     kind = is_store(src)
     presence_only = obs.kind == "presence-only"
     if kind is None:
-        from ..places.zonal import read_map
+        from .mapread import open_map
         from .sample import draw_background, sample_map
 
         if cfg.audio:
             raise InputError("--audio scores a store; a map's bands are picked by their query label with --query",
                              option="audio")
-        m = read_map(src)
+        m = open_map(src)
         values = sample_map(m, obs.sites.lon, obs.sites.lat, tuple(cfg.queries))
         bg = None
         if presence_only:

@@ -123,8 +123,13 @@ def _pngs(res, values) -> list[tuple[str, bytes]]:
         if b.skipped:
             continue
         bg = res.background["values"][i] if res.background else None
-        out.append((b.band.name, band_png(b, values.values[i], outcome, lon, lat, bg, values.rasters.get(b.band.name))))
+        out.append((b.band.name, band_png(b, values.values[i], outcome, lon, lat, bg, _preview(values, b.band.name))))
     return out
+
+
+def _preview(values, name):
+    m = values.rasters.get(name)
+    return None if m is None else m.preview(name)
 
 
 def render_html(res, pngs) -> str:

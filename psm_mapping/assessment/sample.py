@@ -43,7 +43,7 @@ class SiteValues:
     reasons: list[np.ndarray]
     uncertainty: dict[int, np.ndarray] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
-    #: band name -> (array, affine transform, pyproj CRS): the map under the sites in the report
+    #: band name -> the map (:class:`~psm_mapping.assessment.mapread.MapFile`) under the sites in the report
     rasters: dict = field(default_factory=dict)
 
 
@@ -90,31 +90,28 @@ def _pixels(m, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def sample_map(m, lon, lat, wanted=()) -> SiteValues:
-    """The values of map ``m`` (:class:`~psm_mapping.places.zonal.MapBands`) at the sites."""
-    from ..outputs.info import read_info
-
-    info = read_info(m.path)
-    bands_info = info.bands
-    bands = pick_bands(m.names, m.kinds, [b.get("query") for b in bands_info],
-                       [b.get("zoom") for b in bands_info], wanted)
+    """The values of map ``m`` (:class:`~psm_mapping.assessment.mapread.MapFile`) at the sites:
+    only the tiles (COG) or chunks (Zarr) that hold a site are read."""
+    bands = pick_bands(m.names, m.kinds, [b.get("query") for b in m.bands], [b.get("zoom") for b in m.bands], wanted)
     row, col, inside = _pixels(m, np.asarray(lon, np.float64), np.asarray(lat, np.float64))
-    index = {n: i for i, n in enumerate(m.names)}
+    unc_names = {int(bi["zoom"]): n for n, k, bi in zip(m.names, m.kinds, m.bands)
+                 if k == "uncertainty" and bi.get("zoom") is not None}
+    px = m.read_pixels([b.name for b in bands] + list(unc_names.values()), row[inside], col[inside])
+
+    def full(name):
+        v = np.full(len(row), np.nan)
+        v[inside] = px[name]
+        return v
+
     values, reasons = [], []
     for b in bands:
-        v = m.arrays[index[b.name]][row, col].astype(np.float64)
-        v[~inside] = np.nan
-        r = np.where(~inside, OUTSIDE, np.where(np.isfinite(v), "", NO_VALUE)).astype(object)
+        v = full(b.name)
         values.append(v)
-        reasons.append(r)
-    unc = {}
-    for n, k, bi in zip(m.names, m.kinds, bands_info):
-        if k == "uncertainty" and bi.get("zoom") is not None:
-            u = m.arrays[index[n]][row, col].astype(np.float64)
-            u[~inside] = np.nan
-            unc[int(bi["zoom"])] = u
-    rasters = {b.name: (m.arrays[index[b.name]], m.transform, m.crs) for b in bands}
-    return SiteValues(bands, values, reasons, unc, {"kind": "map", "path": str(m.path), "format": info.format,
-                                                    "crs": m.crs.to_string(), "tags": dict(m.tags)}, rasters)
+        reasons.append(np.where(~inside, OUTSIDE, np.where(np.isfinite(v), "", NO_VALUE)).astype(object))
+    unc = {z: full(n) for z, n in unc_names.items()}
+    return SiteValues(bands, values, reasons, unc, {"kind": "map", "path": str(m.path), "format": m.format,
+                                                    "crs": m.crs.to_string(), "tags": dict(m.tags)},
+                      {b.name: m for b in bands})
 
 
 def draw_background(m, bands: list[Band], n: int, seed: int | None):
@@ -125,10 +122,10 @@ def draw_background(m, bands: list[Band], n: int, seed: int | None):
 
     from ..errors import InputError
 
-    index = {name: i for i, name in enumerate(m.names)}
+    arrays = [m.read_band(b.name) for b in bands]
     valid = np.ones(m.shape, bool)
-    for b in bands:
-        valid &= np.isfinite(m.arrays[index[b.name]])
+    for a in arrays:
+        valid &= np.isfinite(a)
     flat = np.flatnonzero(valid)
     if len(flat) == 0:
         raise InputError(f"{m.path} has no valid pixel to draw background points from: give a map with values",
@@ -138,5 +135,5 @@ def draw_background(m, bands: list[Band], n: int, seed: int | None):
     row, col = np.divmod(pick, m.shape[1])
     cx, cy = apply_affine(m.transform, col + rng.random(n), row + rng.random(n))
     lon, lat = Transformer.from_crs(m.crs, "EPSG:4326", always_xy=True).transform(cx, cy)
-    vals = np.stack([m.arrays[index[b.name]][row, col].astype(np.float64) for b in bands])
+    vals = np.stack([a[row, col].astype(np.float64) for a in arrays])
     return np.asarray(lon), np.asarray(lat), vals
