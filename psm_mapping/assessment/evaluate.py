@@ -78,9 +78,11 @@ def _figure(value: float, stat, blocks: Blocks, n_boot: int, seed) -> Figure:
 
 def _boyce_rows(bg: np.ndarray, pres: np.ndarray):
     nb = len(bg)
+    ob, op = np.argsort(bg, kind="stable"), np.argsort(pres, kind="stable")
+    sb, sp = bg[ob], pres[op]
 
     def stat(w):
-        return np.array([metrics.boyce(bg, pres, row[:nb], row[nb:]).index for row in w])
+        return np.array([metrics.boyce(sb, sp, row[:nb][ob], row[nb:][op], presorted=True).index for row in w])
 
     return stat
 

@@ -160,10 +160,15 @@ def _boyce_windows(fit_min, fit_max, mini, maxi, res: int):
     return lo, lo + ww, ww
 
 
-def boyce(fit, obs, fit_weights=None, obs_weights=None, res: int = BOYCE_WINDOWS) -> BoyceCurve:
-    """The continuous Boyce index of presences ``obs`` against background ``fit``."""
+def boyce(fit, obs, fit_weights=None, obs_weights=None, res: int = BOYCE_WINDOWS,
+          presorted: bool = False) -> BoyceCurve:
+    """The continuous Boyce index of presences ``obs`` against background ``fit`` (``presorted``:
+    both are sorted ascending, weights in the same order: a bootstrap sorts once)."""
     fit, obs = np.asarray(fit, np.float64), np.asarray(obs, np.float64)
     fw, ow = _w(len(fit), fit_weights), _w(len(obs), obs_weights)
+    if not presorted:
+        of, oo = np.argsort(fit, kind="stable"), np.argsort(obs, kind="stable")
+        fit, fw, obs, ow = fit[of], fw[of], obs[oo], ow[oo]
     fk, ok = fw > 0, ow > 0
     if not fk.any() or not ok.any():
         return BoyceCurve(float("nan"), np.zeros(0), np.zeros(0), float("nan"))
@@ -189,9 +194,8 @@ def boyce(fit, obs, fit_weights=None, obs_weights=None, res: int = BOYCE_WINDOWS
     return BoyceCurve(float(rho), mid, f, ww)
 
 
-def _window_share(v: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Weighted share of ``v`` in each closed window ``[lo, hi]``."""
-    order = np.argsort(v, kind="stable")
-    sv, cw = v[order], np.concatenate([[0.0], np.cumsum(w[order])])
+def _window_share(sv: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Weighted share of sorted ``sv`` in each closed window ``[lo, hi]``."""
+    cw = np.concatenate([[0.0], np.cumsum(w)])
     inside = cw[np.searchsorted(sv, hi, "right")] - cw[np.searchsorted(sv, lo, "left")]
     return inside / cw[-1]
