@@ -301,6 +301,7 @@ def test_cli_writes_json_table_and_html_report(cog, tmp_path):
     assert prov["source"]["kind"] == "map" and prov["checkpoint_sha256"] == "f00"
     assert prov["settings"]["bootstrap"] == 100 and prov["settings"]["seed"] == 2
     assert prov["settings"]["block_km"] > 0 and prov["observations"]["event_time"]
+    assert not prov["observations"]["event_time_used"]  # a map is one month and hour
     b0 = doc["bands"][0]
     assert b0["summary"] == lines[0] and b0["unscored"]["outside"]["rows"] == list(range(6, 13))
     assert 0.5 < b0["figures"]["auc"]["value"] < 1 and b0["figures"]["auc"]["low"] < b0["figures"]["auc"]["high"]
@@ -405,7 +406,7 @@ def test_store_scoring_equals_psm_map_points_at_each_sites_month_and_hour(built_
         col = f"similarity:{STORE_Q}:z{z}"
         np.testing.assert_allclose(res.table[col].to_numpy(), pts[col].to_numpy(), rtol=0, atol=1e-6)
         assert np.isfinite(pts[col]).all()
-    assert res.provenance["observations"]["event_time"] and res.provenance["source"]["kind"] == "store"
+    assert res.provenance["observations"]["event_time_used"] and res.provenance["source"]["kind"] == "store"
     assert res.provenance["checkpoint_sha256"]
     # the month and hour change the values: without event time they differ from the table above
     flat = assess(source=str(b["store"]), observations=str(b["obs"]), queries=[STORE_Q], imagery=str(b["scene"]),

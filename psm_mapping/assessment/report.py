@@ -53,6 +53,10 @@ def provenance(cfg, obs, values, blocks, bg, n_blocks: int) -> dict:
     from .. import __version__
 
     tags = dict(values.source.get("tags", {}))
+    md_type = str(tags.get("metadata_type", ""))
+    # a map is one month and hour; a store's sites are fused at theirs when the checkpoint fuses them
+    event_used = bool(obs.event_time and values.source.get("kind") != "map"
+                      and ("month" in md_type or "time" in md_type) and tags.get("fusion", "on") != "off")
     return {
         "software": f"psm-mapping {__version__}",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -62,7 +66,7 @@ def provenance(cfg, obs, values, blocks, bg, n_blocks: int) -> dict:
         "queries": sorted({b.query for b in values.bands}),
         "observations": {"path": obs.path, "sha256": obs.sha256, "rows": obs.n_rows, "used": len(obs.value),
                          "without_outcome": obs.dropped, "column": obs.column, "kind": obs.kind,
-                         "event_time": obs.event_time},
+                         "event_time": obs.event_time, "event_time_used": event_used},
         "settings": {"kind": cfg.kind, "bootstrap": int(cfg.bootstrap), "seed": cfg.seed, "level": 0.95,
                      "block_km": blocks.block_km, "block_km_default": cfg.block_km is None, "blocks": n_blocks,
                      "background": None if bg is None else len(bg["lon"]),
