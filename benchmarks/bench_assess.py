@@ -118,7 +118,8 @@ def bench_store(folder: Path, n_sites: int) -> dict:
     obs = folder / "obs.csv"
     pd.DataFrame({"decimalLongitude": lon, "decimalLatitude": lat,
                   "eventDate": [f"2024-{m:02d}-10T{h:02d}:00:00" for m, h in zip(month, hour)],
-                  "occurrenceStatus": np.where(rng.random(n_sites) < 0.5, "present", "absent")}).to_csv(obs, index=False)
+                  "occurrenceStatus": np.where(rng.random(n_sites) < 0.5, "present", "absent")}
+                 ).to_csv(obs, index=False)
     sites = folder / "sites.csv"
     pd.DataFrame({"lon": lon, "lat": lat, "month": month, "hour": hour}).to_csv(sites, index=False)
     t0 = time.perf_counter()

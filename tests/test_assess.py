@@ -344,8 +344,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cog, tmp_path, case)
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("psm-map: error: "), p.stderr
-    assert {"no_coords": "longitude", "unknown_column": "nosuch", "no_absence": "absences", "few_sites": "fewer than 10",
-            "all_outside": "outside"}[case] in err[0]
+    assert {"no_coords": "longitude", "unknown_column": "nosuch", "no_absence": "absences",
+            "few_sites": "fewer than 10", "all_outside": "outside"}[case] in err[0]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["obs.csv"]
 
 
@@ -469,3 +469,57 @@ def test_cli_on_a_map_from_a_real_psm_map_run(built_store, tmp_path):
         np.testing.assert_array_equal(got[name].to_numpy(), bands[name][rows, cols].astype(np.float64))
         np.testing.assert_array_equal(got[f"uncertainty:z{z}"].to_numpy(), bands[f"uncertainty:z{z}"][rows, cols])
     assert "UNTRAINED" not in p.stdout and (tmp_path / "r.html").read_text().count("data:image/png;base64,") == 2
+
+
+# -- observations: column names, kinds, event time -----------------------------------------------
+def test_observation_columns_kinds_and_event_time(tmp_path):
+    from psm_mapping.assessment.observations import load_observations
+
+    n = 12
+    lon, lat = np.linspace(8.0, 8.1, n), np.linspace(45.0, 45.1, n)
+    dates = ["2024-03-05T07:15:00Z", "2024-08-20T18:00+02:00", "2024-11-02", "2024-06-01/2024-07-15",
+             "2024-06-01T05:00/2024-06-01T05:40", "2024-06", "", "2024-01-31T23:59:59", "not a date",
+             "2024-02-10T10:00", "2024-02-10T10:00", "2024-02-10T10:00"]
+    f = pd.DataFrame({"decimalLongitude": lon, "decimalLatitude": lat, "eventDate": dates,
+                      "individualCount": [0, 3, 1, 0, 2, 0, 5, 1, 0, 1, 0, 2], "detected": ["Yes", "no"] * 6,
+                      "level_db": np.arange(n) * 1.5})
+    f.to_csv(tmp_path / "o.csv", index=False)
+    o = load_observations(tmp_path / "o.csv")  # no occurrenceStatus: individualCount, 0 = absent
+    assert o.kind == "presence-absence" and o.column == "individualCount"
+    np.testing.assert_array_equal(o.value, (f["individualCount"] > 0).astype(float))
+    assert o.sites.month.tolist() == [3, 8, 11, 0, 6, 6, 0, 1, 0, 2, 2, 2]
+    assert o.sites.hour.tolist() == [7, 18, -1, -1, 5, -1, -1, 23, -1, 10, 10, 10]
+    assert o.event_time
+    assert load_observations(tmp_path / "o.csv", event_time=False).sites.month is None
+    assert load_observations(tmp_path / "o.csv", column="detected").value.tolist() == [1.0, 0.0] * 6
+    num = load_observations(tmp_path / "o.csv", column="level_db")
+    assert num.kind == "numeric" and num.value[3] == 4.5
+    po = load_observations(tmp_path / "o.csv", column="detected", kind="presence-only")
+    assert po.kind == "presence-only" and len(po.value) == 6 and po.dropped == 6 and po.rows.tolist()[:2] == [0, 2]
+    # x/y columns in a projected CRS (--crs), and the sha256 of the file
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs(4326, 32632, always_xy=True).transform(lon, lat)
+    pd.DataFrame({"x": x, "y": y, "occurrenceStatus": ["present", "absent"] * 6}).to_csv(tmp_path / "xy.csv",
+                                                                                        index=False)
+    xy = load_observations(tmp_path / "xy.csv", crs="EPSG:32632")
+    np.testing.assert_allclose(xy.sites.lon, lon, atol=1e-9)
+    np.testing.assert_allclose(xy.sites.lat, lat, atol=1e-9)
+    import hashlib
+
+    assert xy.sha256 == hashlib.sha256((tmp_path / "xy.csv").read_bytes()).hexdigest()
+
+
+def test_store_bad_inputs_exit_2(built_store, tmp_path, capsys):
+    b = built_store
+    cases = {"no query": ([], "--query"), "no imagery": (["--query", STORE_Q], "--imagery"),
+             "wrong imagery": (["--query", STORE_Q, "--imagery", str(tmp_path / "other.tif")], "imagery")}
+    from servers import write_scene
+    from test_map_e2e import UTM as SCENE_UTM
+
+    write_scene(tmp_path / "other.tif", SCENE_UTM, 490_000.0, 4_994_000.0, 32.0, 500, 500, seed=12)
+    for args, needle in cases.values():
+        assert main(["assess", str(b["store"]), str(b["obs"]), *args, "--out", str(tmp_path / "r.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("psm-map: error: ") and needle in err[0], err
+    assert not (tmp_path / "r.json").exists()

@@ -42,6 +42,7 @@ class AssessConfig:
     observations: Any = None
     queries: Sequence[str] = ()
     audio: Sequence[str] = ()
+    combine: bool = False
     column: str | None = None
     kind: str = "auto"
     background: int = 10_000
@@ -196,8 +197,8 @@ def _site_values(cfg: AssessConfig, obs, log_fn):
         return values, bg
     from .fromstore import score_from_store, store_background
 
-    opts = {k: getattr(cfg, k) for k in ("queries", "audio", "checkpoint", "clap_config", "tokenizer", "device",
-                                         "batch_size", "progress", "offline", "imagery", "imagery_options")}
+    opts = {k: getattr(cfg, k) for k in ("queries", "audio", "combine", "checkpoint", "clap_config", "tokenizer",
+                                         "device", "batch_size", "progress", "offline", "imagery", "imagery_options")}
     sites, n = obs.sites, len(obs.sites)
     if presence_only:
         if kind == "points":
@@ -223,13 +224,12 @@ def _with_background(sites, lon, lat):
 
     from ..places.sites import Sites
 
-    n, m = len(sites), len(lon)
+    m = len(lon)
     frame = pd.DataFrame({"lon": np.concatenate([sites.lon, lon]), "lat": np.concatenate([sites.lat, lat])})
 
     def ext(a, unknown):
         return None if a is None else np.concatenate([a, np.full(m, unknown, np.int64)])
 
-    del n
     return Sites(frame=frame, lon=frame["lon"].to_numpy(), lat=frame["lat"].to_numpy(), name=sites.name,
                  month=ext(sites.month, 0), hour=ext(sites.hour, -1), audio_source=ext(sites.audio_source, -1),
                  caption_source=ext(sites.caption_source, -1))

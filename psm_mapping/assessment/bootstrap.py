@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["Blocks", "spatial_blocks", "default_block_km", "replicate_weights", "Interval", "percentile_interval", "extent_km"]
+__all__ = ["Blocks", "spatial_blocks", "default_block_km", "replicate_weights", "Interval", "percentile_interval",
+           "extent_km"]
 
 #: replicates per batch (a batch's weights are ``[CHUNK, n]`` float64)
 CHUNK = 64

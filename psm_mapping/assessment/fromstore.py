@@ -72,6 +72,7 @@ def _points_config(url: str, kind: str, sites, opts: dict):
     from ..places import PointsConfig
 
     cfg = PointsConfig(sites=sites, queries=list(opts.get("queries") or ()), audio=list(opts.get("audio") or ()),
+                       combine=bool(opts.get("combine")),
                        checkpoint=opts.get("checkpoint"), clap_config=opts.get("clap_config"),
                        tokenizer=opts.get("tokenizer"), device=opts.get("device", "auto"),
                        batch_size=opts.get("batch_size", 64), progress=opts.get("progress", False),
@@ -93,9 +94,9 @@ def _points_config(url: str, kind: str, sites, opts: dict):
     cfg.min_valid = st.spec.min_valid
     cfg.store = str(Path(url).absolute().parent)  # point stores beside the map store
     if not cfg.imagery:
+        built = st.attrs.get("provenance", {}).get("imagery_source", "see psm-map info")
         raise InputError(f"scoring sites from the store {url} needs its imagery (chips centred on the sites): pass "
-                         f"--imagery with the imagery it was built from ({st.attrs.get('provenance', {}).get('imagery_source', 'see psm-map info')})",
-                         option="imagery")
+                         f"--imagery with the imagery it was built from ({built})", option="imagery")
     from ..imagery import open_source
 
     with open_source(cfg.imagery, **(opts.get("imagery_options") or {})) as src:

@@ -109,7 +109,7 @@ def _read(path: Path, crs: str | None, name: str):
     return sites_from_frame(gdf, name=name, path=str(path))
 
 
-def _tokens(series, where: str):
+def _tokens(series):
     """1.0 / 0.0 / NaN (empty) per value of a present/absent-like column; None if any value is
     neither (then the caller tries numbers)."""
     out = np.full(len(series), np.nan)
@@ -145,7 +145,7 @@ def _outcome(frame, column: str | None, kind: str, path: str):
                              "(or give occurrenceStatus / individualCount)", option="column")
         return np.ones(n), "presence-only", None
     s = frame[col]
-    tok = _tokens(s, path)
+    tok = _tokens(s)
     num = pd.to_numeric(s.where(s.astype(str).str.strip() != ""), errors="coerce").to_numpy(np.float64)
     empty = s.isna().to_numpy() | (s.astype(str).str.strip() == "").to_numpy()
     is_count = str(col).lower() == "individualcount" and column is None

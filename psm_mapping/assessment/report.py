@@ -151,6 +151,7 @@ def render_html(res, pngs) -> str:
                    f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">" for name, png in pngs)
     meth = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in p["settings"]["methods"].items())
     s = p["settings"]
+    column = ", column " + html.escape(o["column"]) if o["column"] else ""
     untrained = any("UNTRAINED" in str(v) for v in p.get("map_provenance", {}).values())
     warn = ("<p class=warn>The map comes from a checkpoint with untrained weights: these figures mean "
             "nothing about soundscapes.</p>") if untrained else ""
@@ -160,7 +161,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}img{{max-width:100%
 </head><body><h1>How good is this map here?</h1>{warn}
 <p>{html.escape(str(p['source'].get('kind')))} <code>{html.escape(str(p['source'].get('path')))}</code> against
 <code>{html.escape(str(o['path']))}</code> (sha256 {html.escape(str(o['sha256'])[:16])}&hellip;):
-{o['used']} observations of kind <b>{html.escape(o['kind'])}</b>{', column ' + html.escape(o['column']) if o['column'] else ''}.
+{o['used']} observations of kind <b>{html.escape(o['kind'])}</b>{column}.
 Checkpoint {html.escape(str(p.get('checkpoint')))}. Block bootstrap: {s['bootstrap']} replicates, blocks of
 {s['block_km']:.3g} km ({s['blocks']} blocks), seed {s['seed']}.</p>
 <table><tr><th>query</th><th>zoom</th>{head}<th>n</th><th>present</th><th>not scored</th></tr>{''.join(rows)}</table>

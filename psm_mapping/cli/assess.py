@@ -39,7 +39,7 @@ def cmd_assess(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from ..assessment import AssessConfig, assess
 
-    cfg = AssessConfig(source=a.source, observations=a.observations, queries=a.query, audio=a.audio,
+    cfg = AssessConfig(source=a.source, observations=a.observations, queries=a.query, audio=a.audio, combine=a.combine,
                        column=a.column, kind=a.kind, background=a.background, block_km=a.block_km,
                        bootstrap=a.bootstrap, seed=a.seed, out=a.out, overwrite=a.overwrite, crs=a.crs,
                        event_time=not a.no_event_time, imagery=a.imagery, checkpoint=a.checkpoint,
