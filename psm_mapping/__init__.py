@@ -17,13 +17,14 @@ __version__ = "0.1.0"
 __all__ = [
     "PSM", "PSMConfig", "Metadata", "ProbEmbedding", "csd", "cosine", "retrieval_metrics",
     "PSMError", "InputError", "CheckpointError", "TokenizerError", "AudioError", "ImageryError",
-    "RegionError", "StoreError", "OutputError", "MapConfig", "map_region", "__version__",
+    "RegionError", "StoreError", "OutputError", "MapConfig", "map_region", "assess", "AssessConfig", "AssessResult", "__version__",
 ]
 
 #: lazily imported public names -> their module
 _LAZY = {"PSM": "model", "PSMConfig": "model", "Metadata": "model", "ProbEmbedding": "model", "csd": "model",
          "cosine": "model", "retrieval_metrics": "train.metrics", "RetrievalMetrics": "train.metrics",
-         "MapConfig": "config", "map_region": "run"}
+         "MapConfig": "config", "map_region": "run", "assess": "assessment", "AssessConfig": "assessment",
+         "AssessResult": "assessment"}
 
 
 def __getattr__(name):  # lazy: keep `import psm_mapping` light

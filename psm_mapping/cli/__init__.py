@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve:cmd_serve",
     "points": "places:cmd_points",
     "zonal": "places:cmd_zonal",
+    "assess": "assess:cmd_assess",
     "train": "train:cmd_train",
     "evaluate": "train:cmd_evaluate",
     "build-shards": "train:cmd_build_shards",

@@ -54,8 +54,8 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
 def map_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="psm-map",
-        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, serve, info, "
-                    "weights, convert, evaluate, build-shards, train (psm-map SUBCOMMAND -h).")
+        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, assess, serve, "
+                    "info, weights, convert, evaluate, build-shards, train (psm-map SUBCOMMAND -h).")
     p.add_argument("region", nargs="?", help="region file (GeoJSON, GPKG, Shapefile, ...)")
     p.add_argument("--bbox", help="W,S,E,N in degrees instead of a region file")
     p.add_argument("--feature", help="one feature of the region file, by name or index")

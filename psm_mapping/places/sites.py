@@ -2,7 +2,8 @@
 
 Coordinate columns are found by name, case-insensitively (``lon``/``lng``/``long``/``longitude``,
 ``lat``/``latitude``; ``lon_col``/``lat_col`` override), so the authors' mapping CSV
-(``key,latitude,longitude``) works as is. Optional per-site metadata columns ``month``, ``hour``,
+(``key,latitude,longitude``) and Darwin Core exports (``decimalLatitude``, ``decimalLongitude``)
+work as they are. Optional per-site metadata columns ``month``, ``hour``,
 ``audio_source``, ``caption_source`` feed fusion per site (an empty cell: that item unknown for
 that site). Every bad value is one :class:`~psm_mapping.errors.InputError` naming the rows.
 """
@@ -19,8 +20,8 @@ from ..errors import InputError
 
 __all__ = ["Sites", "load_sites", "sites_from_frame", "LON_NAMES", "LAT_NAMES", "METADATA_COLUMNS"]
 
-LON_NAMES = ("lon", "lng", "long", "longitude")
-LAT_NAMES = ("lat", "latitude")
+LON_NAMES = ("lon", "lng", "long", "longitude", "decimallongitude")  # Darwin Core: decimalLongitude
+LAT_NAMES = ("lat", "latitude", "decimallatitude")
 METADATA_COLUMNS = ("month", "hour", "audio_source", "caption_source")
 TABLE_SUFFIXES = (".csv", ".txt", ".tsv")
 
