@@ -133,7 +133,8 @@ def without_length(flac: Path, out: Path) -> Path:
 
 def chirp(path: Path, seconds: float, sr: int = 48000) -> Path:
     t = np.arange(int(seconds * sr)) / sr
-    sf.write(path, (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32), sr, subtype="FLOAT")
+    sf.write(path, (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32), sr,
+             subtype="PCM_16" if path.suffix == ".flac" else "FLOAT")
     return path
 
 
@@ -407,7 +408,7 @@ def test_uploads_are_a_bounded_lru_deleted_on_shutdown(built, tmp_path):
     (folder,) = tmp.glob("psm-serve-audio-*")
     assert s.post_clip("c0.wav", (tmp_path / "c0.wav").read_bytes()).status_code == 200
     assert any(folder.iterdir())
-    s.proc.send_signal(signal.SIGTERM)
-    assert s.proc.wait(30) == 0
+    s.proc.send_signal(signal.SIGTERM)  # uvicorn shuts down cleanly, then re-raises the signal
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)
     s.stop()
-    assert not folder.exists()
+    assert not folder.exists() and "Traceback" not in s.stderr()

@@ -65,7 +65,7 @@ class Uploads:
     def _too_long(self, name: str, seconds: float | None) -> UploadError:
         long = f"is {seconds:,.1f} s long" if seconds is not None else "runs on"
         return UploadError(f"{name} {long}, over this server's limit of {self.max_seconds:g} s of audio "
-                           "(psm-map serve --max-audio-seconds): send a shorter clip (CLAP looks at 10 s windows)",
+                           "(`psm-map serve --max-audio-seconds`): send a shorter clip (CLAP looks at 10 s windows)",
                            413)
 
     @staticmethod
@@ -101,7 +101,7 @@ class Uploads:
             os.replace(tmp, path)
             if not self._lru.put(aid, (path, name), nbytes=len(data)):
                 raise UploadError(f"{name} is larger than the upload cache ({self._lru.max_bytes:,} bytes, "
-                                  "psm-map serve --upload-cache-mb): send a shorter clip", 413)
+                                  "`psm-map serve --upload-cache-mb`): send a shorter clip", 413)
         return aid, True
 
     def get(self, aid: str) -> tuple[Path, str] | None:
