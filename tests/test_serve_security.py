@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ class TokenServer(Server):
 
     def __init__(self, args: list[str], cwd: Path, host: str = "127.0.0.1", extra_env: dict | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{'[::1]' if ':' in host else '127.0.0.1'}:{self.port}"
         self.log = cwd / f"serve-{self.port}.log"
         self.err = cwd / f"serve-{self.port}.err"
         self._out, self._err = open(self.log, "w"), open(self.err, "w")
@@ -276,13 +277,20 @@ def test_cors_and_allow_host_options(built, tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5 and 10: beyond loopback
-def _ipv4_addresses() -> list[str]:
-    import socket
+def _addresses(family) -> list[str]:
+    """This machine's addresses of ``family`` but loopback and link-local, as psutil lists them."""
+    import ipaddress
 
     import psutil
 
-    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                   if a.family == socket.AF_INET and not a.address.startswith("127.")})
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == family:
+                ip = ipaddress.ip_address(a.address.split("%")[0])
+                if not (ip.is_loopback or ip.is_link_local):
+                    out.add(str(ip))
+    return sorted(out)
 
 
 def test_all_interfaces_needs_a_token_and_prints_every_address(built, tmp_path):
@@ -295,7 +303,7 @@ def test_all_interfaces_needs_a_token_and_prints_every_address(built, tmp_path):
         assert "warning: listening on 0.0.0.0 (all interfaces): the explorer is reachable from the network" in err
         assert s.token and re.fullmatch(r"[0-9a-f]{48}", s.token)
         assert f"serving on http://127.0.0.1:{s.port}/?token={s.token}" in out
-        for ip in _ipv4_addresses():  # finding 10: every address it is reachable at, with the token
+        for ip in _addresses(socket.AF_INET):  # finding 10: every address it is reachable at, with the token
             assert f"http://{ip}:{s.port}/?token={s.token}" in out, out
             r = httpx.get(f"http://{ip}:{s.port}/api/info", params={"token": s.token}, timeout=60)
             assert r.status_code == 200, (ip, r.text)
@@ -318,6 +326,23 @@ def test_all_interfaces_needs_a_token_and_prints_every_address(built, tmp_path):
         t = TMS.tile(lon, lat, 15)
         r = httpx.get(url.replace("{z}", "15").replace("{x}", str(t.x)).replace("{y}", str(t.y)), timeout=120)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    finally:
+        assert s.stop() == 0
+
+
+def test_ipv6_wildcard_prints_its_ipv6_addresses(built, tmp_path):
+    """``--host ::`` (uvicorn binds it IPv6 only): [::1] and each IPv6 interface address, with the
+    token; each answers with it; tilejson's tile URL is the configured address asked for."""
+    s = TokenServer(built["serve_args"], tmp_path, host="::")
+    try:
+        out = s.log.read_text()
+        assert "reachable from the network" in s.stderr() and s.token
+        assert f"serving on http://[::1]:{s.port}/?token={s.token}" in out
+        for ip in _addresses(socket.AF_INET6):
+            assert f"http://[{ip}]:{s.port}/?token={s.token}" in out, out
+            r = httpx.get(f"http://[{ip}]:{s.port}/tilejson.json", params={"token": s.token, "text": "birds"}, timeout=60)
+            assert r.status_code == 200 and r.json()["tiles"][0].startswith(f"http://[{ip}]:{s.port}/tiles/"), r.text
+        json_error(httpx.get(f"{s.url}/api/info", timeout=60), 401, "token")
     finally:
         assert s.stop() == 0
 

@@ -78,8 +78,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def interface_addresses(ipv6: bool = True) -> list[str]:
-    """This machine's non-loopback addresses (IPv4 first; IPv6 link-local left out)."""
+def interface_addresses(version: int = 4) -> list[str]:
+    """This machine's non-loopback addresses of IP ``version`` 4 or 6 (IPv6 link-local left out)."""
     found: list[str] = []
     try:
         import psutil
@@ -99,11 +99,11 @@ def interface_addresses(ipv6: bool = True) -> list[str]:
             ip = ipaddress.ip_address(a)
         except ValueError:
             continue
-        if ip.is_loopback or ip.is_link_local or ip.is_unspecified or (ip.version == 6 and not ipv6):
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.version != version:
             continue
         if a not in out:
             out.append(a)
-    return sorted(out, key=lambda a: (":" in a, a))
+    return sorted(out)
 
 
 @dataclass
@@ -141,9 +141,9 @@ class Security:
 
     def _reachable(self) -> list[str]:
         if self.host == "0.0.0.0":
-            return ["127.0.0.1", *interface_addresses(ipv6=False)]
-        if self.host in ("::", ""):
-            return ["127.0.0.1", "::1", *interface_addresses(ipv6=True)]
+            return ["127.0.0.1", *interface_addresses(4)]
+        if self.host in ("::", ""):  # uvicorn (asyncio) binds :: as IPv6 only
+            return ["::1", *interface_addresses(6)]
         return [self.host]
 
     # ------------------------------------------------------------------ the checks
