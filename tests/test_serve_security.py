@@ -319,6 +319,8 @@ def test_all_interfaces_needs_a_token_and_prints_every_address(built, tmp_path):
         assert bare("/api/info", headers={"Authorization": f"Bearer {s.token}"}).status_code == 200
         assert bare("/", params={"token": s.token}).status_code == 200
         assert bare("/static/app.js").status_code == 200  # the page's assets: the same for everyone
+        for sneaky in ("/static/%2e%2e/api/info", "/static/..%2Fapi/info", "/api/docs/../info"):
+            assert bare(sneaky).status_code in (401, 404), sneaky  # never the API without the token
         tj = s.get("/tilejson.json", params={"text": "birds"}).json()
         url = tj["tiles"][0]
         assert f"token={s.token}" in url and url.count("token=") == 1, url

@@ -8,8 +8,9 @@ decoded (in blocks, mixed to mono as they come, so a header that lies costs no m
 Memory of one clip, at most: ``max_seconds * samplerate * 4`` bytes of mono float32 (twice
 that while the blocks are joined) plus one block (:data:`BLOCK_BYTES`), plus the 48 kHz copy.
 With the default :data:`MAX_AUDIO_SECONDS` (60 s) and the largest accepted rate
-(:data:`MAX_SAMPLE_RATE`, 384 kHz) that is under 200 MB; for CD-rate audio under 25 MB. CLAP's
-features of a 60 s clip add about 100 MB (see README, "Limits").
+(:data:`MAX_SAMPLE_RATE`, 384 kHz) that is under 200 MB; for CD-rate audio under 25 MB. Decoding
+and CLAP's features of a clip near the limit peak at about 140 MB (55 s at 48 kHz) to 170 MB
+(59 s at 384 kHz) above the process's resting RSS.
 """
 from __future__ import annotations
 

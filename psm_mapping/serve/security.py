@@ -129,9 +129,8 @@ class Security:
         if self.host not in WILDCARDS:
             names.add(self.host)
         else:
-            for n in (socket.gethostname(), socket.getfqdn()):
-                if n:
-                    names.add(_bare(n))
+            if socket.gethostname():  # (not getfqdn: it may wait on DNS)
+                names.add(_bare(socket.gethostname()))
         extra = [_bare(h) for h in self.allow_hosts if h.strip() != "*"]
         self.any_host = any(h.strip() == "*" for h in self.allow_hosts)
         self.configured = {*([] if self.host in WILDCARDS else [self.host]), *self.addresses, *extra}

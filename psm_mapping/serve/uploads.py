@@ -26,6 +26,8 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au
 DEFAULT_UPLOAD_CACHE_BYTES = 200 << 20
 #: clips kept at most, whatever their size
 MAX_UPLOADS = 1000
+#: uploads decoded at the same time (each at most ``max_seconds``; embedding is one at a time)
+MAX_PARALLEL_DECODES = 2
 
 
 class UploadError(InputError):
@@ -47,6 +49,7 @@ class Uploads:
         self._lru = ByteLRU(int(cache_bytes), "uploaded clips", max_entries=max_entries,
                             on_evict=lambda _k, v: v[0].unlink(missing_ok=True))
         self._lock = threading.Lock()
+        self._decoding = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
 
     # ------------------------------------------------------------------ checks
     def _refuse_header(self, data: bytes, name: str) -> None:
@@ -87,7 +90,8 @@ class Uploads:
         tmp = self.dir / f".{aid}.{secrets.token_hex(4)}.part"
         tmp.write_bytes(data)
         try:
-            load_audio(tmp, max_seconds=self.max_seconds, name=name)
+            with self._decoding:
+                load_audio(tmp, max_seconds=self.max_seconds, name=name)
         except AudioTooLongError:
             tmp.unlink(missing_ok=True)
             raise self._too_long(name, None) from None
