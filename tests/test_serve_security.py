@@ -342,7 +342,8 @@ def test_ipv6_wildcard_prints_its_ipv6_addresses(built, tmp_path):
         assert f"serving on http://[::1]:{s.port}/?token={s.token}" in out
         for ip in _addresses(socket.AF_INET6):
             assert f"http://[{ip}]:{s.port}/?token={s.token}" in out, out
-            r = httpx.get(f"http://[{ip}]:{s.port}/tilejson.json", params={"token": s.token, "text": "birds"}, timeout=60)
+            r = httpx.get(f"http://[{ip}]:{s.port}/tilejson.json", params={"token": s.token, "text": "birds"},
+                          timeout=60)
             assert r.status_code == 200 and r.json()["tiles"][0].startswith(f"http://[{ip}]:{s.port}/tiles/"), r.text
         json_error(httpx.get(f"{s.url}/api/info", timeout=60), 401, "token")
     finally:
