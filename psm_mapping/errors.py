@@ -66,6 +66,14 @@ class AudioError(InputError):
     """An audio file is unreadable, empty or silent."""
 
 
+class AudioTooLongError(AudioError):
+    """An audio clip longer than the limit (``seconds`` > ``max_seconds``)."""
+
+    def __init__(self, *args, seconds: float = 0.0, max_seconds: float = 0.0, option: str | None = None):
+        super().__init__(*args, option=option)
+        self.seconds, self.max_seconds = seconds, max_seconds
+
+
 class ImageryError(PSMError):
     """An imagery source is unreadable, unreachable or does not cover the region."""
 

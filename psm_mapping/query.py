@@ -41,15 +41,17 @@ class Query:
 
 
 def build_queries(model: PSM, texts: Sequence[str] = (), audio: Sequence[str | Path] = (),
-                  tokenizer=None, combine: bool = False, seed: int = 0) -> list[Query]:
+                  tokenizer=None, combine: bool = False, seed: int = 0,
+                  max_audio_seconds: float | None = None) -> list[Query]:
     """Embed text and audio queries. ``combine``: every text with every audio file as one
-    query (PSM_SPEC.md section 4), instead of separate queries."""
+    query (PSM_SPEC.md section 4), instead of separate queries. An audio file longer than
+    ``max_audio_seconds`` (None: ``MAX_AUDIO_SECONDS``, 60 s) is refused before it is decoded."""
     texts, audio = list(texts or []), list(audio or [])
     if not texts and not audio:
         raise InputError("no query given: pass --query TEXT and/or --audio FILE")
     out: list[Query] = []
     t_emb = model.embed_text_queries(texts, tokenizer=tokenizer) if texts else None
-    a_emb = model.embed_audio_files(audio, seed=seed) if audio else None
+    a_emb = model.embed_audio_files(audio, seed=seed, max_seconds=max_audio_seconds) if audio else None
     if combine and texts and audio:
         for i, t in enumerate(texts):
             for j, a in enumerate(audio):

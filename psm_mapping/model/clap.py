@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import AudioError, InputError, TokenizerError
+from ..errors import InputError, TokenizerError
+from .audio import MAX_AUDIO_SECONDS, load_audio  # noqa: F401 (the bounded decoder, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -160,66 +161,6 @@ def tokenize(texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH,
                     return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-# ---------------------------------------------------------------------------- audio
-class _QuietNativeStderr:
-    """Hold what native code writes to fd 2; replay it only if the block succeeds."""
-
-    def __enter__(self):
-        import sys
-        import tempfile
-
-        try:
-            sys.stderr.flush()
-            self._saved = os.dup(2)
-        except (OSError, ValueError):  # no real fd 2 (embedded interpreters): do nothing
-            self._saved = None
-            return self
-        self._tmp = tempfile.TemporaryFile()
-        os.dup2(self._tmp.fileno(), 2)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self._saved is None:
-            return False
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        if exc_type is None:
-            self._tmp.seek(0)
-            held = self._tmp.read()
-            if held:
-                os.write(2, held)
-        self._tmp.close()
-        return False
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 waveform at ``sample_rate`` (soundfile decode, soxr resample)."""
-    import soundfile as sf
-    import soxr
-
-    p = Path(path)
-    if not p.is_file():
-        raise AudioError(f"audio file {p} not found: check the path")
-    try:
-        with _QuietNativeStderr():  # libmpg123 prints to fd 2 on corrupt mp3s
-            data, sr = sf.read(str(p), dtype="float32", always_2d=True)
-    except Exception as exc:
-        detail = str(exc).split("': ", 1)[-1].strip()
-        if "does not exist" in detail:  # libsndfile's word for a stream it cannot parse
-            detail = "corrupt or unsupported data"
-        raise AudioError(f"cannot decode audio {p.name} ({detail}): convert it to wav, flac, ogg or mp3") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"audio file {p.name} is empty: give a clip with sound (up to 10 s are used)")
-    mono = data.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise AudioError(f"audio file {p.name} holds NaN or infinite samples: re-export it")
-    if float(np.abs(mono).max()) < 1e-6:
-        raise AudioError(f"audio file {p.name} is silent: give a clip with audible sound")
-    if sr != sample_rate:
-        mono = soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32)
-    return mono
 
 
 def audio_features(waveforms: Sequence[np.ndarray], seed: int = 0,

@@ -318,12 +318,13 @@ class PSM(nn.Module):
         return ProbEmbedding.cat(out)
 
     def embed_audio_files(self, paths: Sequence[str | os.PathLike], seed: int = 0,
-                          batch_size: int = 8) -> ProbEmbedding:
-        """Audio files (anything soundfile reads) -> embeddings; mono, 48 kHz, CLAP features."""
+                          batch_size: int = 8, max_seconds: float | None = None) -> ProbEmbedding:
+        """Audio files (anything soundfile reads) -> embeddings; mono, 48 kHz, CLAP features.
+        A clip over ``max_seconds`` (None: ``MAX_AUDIO_SECONDS``, 60 s) is refused before decoding."""
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         out = []
         for i in range(0, len(paths), batch_size):
-            waves = [load_audio(p) for p in paths[i:i + batch_size]]
+            waves = [load_audio(p, max_seconds=max_seconds) for p in paths[i:i + batch_size]]
             feats = audio_features(waves, seed=seed)
             out.append(self.embed_audio(feats["input_features"], feats["is_longer"]))
         return ProbEmbedding.cat(out)

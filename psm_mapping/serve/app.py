@@ -19,10 +19,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import PSMError
 from .engine import BANDS, Explorer, QuerySpec, RequestError
+from .security import Security, SecurityMiddleware, request_base
 from .tiles import MAX_TILE_ZOOM, colormap_names, legend_png, transparent_png
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,12 @@ def _check_basemap(url: str, timeout: float = 3.0) -> bool:
 
 
 def create_app(store_url: str | None = None, *, explorer: Explorer | None = None,
-               basemap: str | None = DEFAULT_BASEMAP, **explorer_options):
+               basemap: str | None = DEFAULT_BASEMAP, security: Security | None = None, **explorer_options):
     """The FastAPI app serving ``store_url`` (``explorer_options``: see :class:`Explorer`:
     ``checkpoint``, ``clap_config``, ``tokenizer``, ``device``, ``memory_limit``, ...).
-    ``basemap``: an XYZ URL the page shows when the server can reach it; None: none."""
+    ``basemap``: an XYZ URL the page shows when the server can reach it; None: none.
+    ``security``: Host allow-list, CORS origins and token (default: loopback, no CORS, no
+    token; :mod:`psm_mapping.serve.security`), checked in front of every route."""
     import threading
 
     ex = explorer if explorer is not None else Explorer(store_url, **explorer_options)
@@ -96,8 +98,8 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
     app = FastAPI(title="psm-mapping explorer", docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json", lifespan=lifespan)
     app.state.explorer = ex
-    # read-only GETs from other local pages and notebooks (leafmap, a QGIS web view); no uploads
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET"])
+    app.state.security = security = security or Security()
+    app.add_middleware(SecurityMiddleware, security=security)  # every route, those added later too
     basemap_state = {"url": None, "checked": basemap is None}
 
     def probe():
@@ -118,7 +120,7 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
 
     @app.exception_handler(PSMError)
     async def _psm_error(request: Request, exc: PSMError):
-        return err(400, str(exc))
+        return err(getattr(exc, "status", 400), str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -257,10 +259,10 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         spec_of(p, need_query=band != "uncertainty")
         ex.zoom_index(p.get("zoom_level"))
         colormap_of(p, band)
-        base = str(request.base_url).rstrip("/")
-        qs = str(request.url.query)
+        # the configured address (never the request's Host), with the token when there is one
+        tiles = security.tile_template(request_base(request), str(request.url.query))
         return {"tilejson": "3.0.0", "name": "psm-mapping " + (p.get("text") or band),
-                "tiles": [f"{base}/tiles/{{z}}/{{x}}/{{y}}.png" + (f"?{qs}" if qs else "")],
+                "tiles": [tiles],
                 "bounds": list(ex.lonlat_bounds), "minzoom": 0, "maxzoom": 20,
                 "center": [(ex.lonlat_bounds[0] + ex.lonlat_bounds[2]) / 2,
                            (ex.lonlat_bounds[1] + ex.lonlat_bounds[3]) / 2, 12]}
@@ -309,7 +311,7 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         data = await f.read(ex.max_upload_bytes + 1)
         await form.close()
         aid = await run_in_threadpool(ex.add_audio, data, f.filename)
-        return {"id": aid, "name": ex._audio[aid][1]}
+        return {"id": aid, "name": ex.audio_name(aid)}
 
     @app.get("/api/export.tif")
     def export(request: Request):

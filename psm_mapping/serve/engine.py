@@ -7,11 +7,8 @@ LRU; tiles, points and exports are cut from those rasters.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioError, InputError, PSMError, StoreError
+from ..errors import PSMError, StoreError
 from ..query import (QueryMaps, ZoomArrays, build_queries, load_zoom, prepare_query, zoom_nbytes,
                      zoom_similarity)
 from ..store import EmbeddingStore
 from .cache import ByteLRU, Once
 from .tiles import Raster
+from .uploads import AUDIO_SUFFIXES, DEFAULT_UPLOAD_CACHE_BYTES, MAX_AUDIO_SECONDS, Uploads  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: the pseudo zoom level whose raster is the mean over the store's zoom levels
 MEAN = "mean"
 BANDS = ("similarity", "score", "uncertainty")
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus")
 
 
 class RequestError(PSMError):
@@ -80,7 +77,9 @@ class Explorer:
     def __init__(self, store_url: str, checkpoint: str | None = None, clap_config: str | None = None,
                  tokenizer: str | None = None, device: str = "cpu", dtype: str = "auto",
                  memory_limit: float = 6e9, max_upload_bytes: int = 20 << 20,
-                 storage_options: dict | None = None, preload: bool = True):
+                 storage_options: dict | None = None, preload: bool = True,
+                 max_audio_seconds: float = MAX_AUDIO_SECONDS,
+                 upload_cache_bytes: int = DEFAULT_UPLOAD_CACHE_BYTES):
         from ..model.checkpoint import file_sha256
         from ..run import MapConfig, load_model, reuse_text_setup
 
@@ -132,8 +131,8 @@ class Explorer:
         self._jobs: dict[int, Job] = {}
         self._job_id = 0
         self._jobs_lock = threading.Lock()
-        self._audio: dict[str, tuple[Path, str]] = {}
-        self._audio_dir = Path(tempfile.mkdtemp(prefix="psm-serve-audio-"))
+        # uploaded clips: duration-checked, a byte-bounded LRU of files, deleted by close()
+        self.uploads = Uploads(self.max_upload_bytes, max_audio_seconds, upload_cache_bytes)
         self.ranges: dict[tuple, dict] = {}
         self.load_seconds = 0.0
         if preload:
@@ -144,7 +143,7 @@ class Explorer:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        shutil.rmtree(self._audio_dir, ignore_errors=True)
+        self.uploads.close()
 
     @property
     def held_bytes(self) -> int:
@@ -171,7 +170,7 @@ class Explorer:
         if text is not None and len(text) > 1000:
             raise RequestError("text is longer than 1000 characters: give a shorter query")
         audio = None if audio is None or not str(audio).strip() else str(audio).strip()
-        if audio is not None and audio not in self._audio:
+        if audio is not None and audio not in self.uploads:
             raise RequestError(f"unknown audio id {audio!r}: upload the clip with POST /api/audio and "
                                "pass the id it returns", 404)
         if need_query and text is None and audio is None:
@@ -259,38 +258,24 @@ class Explorer:
     # ------------------------------------------------------------------ queries
     def add_audio(self, data: bytes, filename: str | None) -> str:
         """Keep an uploaded clip (checked to decode and embed); its id for ``audio=``."""
-        from ..model.clap import load_audio
-
-        if len(data) > self.max_upload_bytes:
-            raise RequestError(f"the upload is {len(data):,} bytes, over the limit of "
-                               f"{self.max_upload_bytes:,}: send a shorter clip", 413)
-        if not data:
-            raise RequestError("the upload is empty: send an audio file (wav, flac, ogg, mp3)", 400)
-        aid = hashlib.sha256(data).hexdigest()[:16]
-        if aid in self._audio:
-            return aid
-        name = Path(str(filename or "clip")).name[:120] or "clip"
-        suffix = Path(name).suffix.lower()
-        path = self._audio_dir / (aid + (suffix if suffix in AUDIO_SUFFIXES else ""))
-        path.write_bytes(data)
-        try:
-            load_audio(path)
-        except (AudioError, InputError) as exc:
-            path.unlink(missing_ok=True)
-            raise RequestError(f"{name} is not an audio clip that can be read ({exc}): send a wav, "
-                               "flac, ogg or mp3 file", 415) from None
-        except Exception as exc:  # decoders raise their own errors on non-audio bytes
-            path.unlink(missing_ok=True)
-            raise RequestError(f"{name} is not an audio clip that can be read ({type(exc).__name__}): "
-                               "send a wav, flac, ogg or mp3 file", 415) from None
-        self._audio[aid] = (path, name)
-        try:
-            self.embedding(QuerySpec(audio=aid))
-        except Exception:
-            self._audio.pop(aid, None)
-            path.unlink(missing_ok=True)
-            raise
+        aid, new = self.uploads.add(data, filename)
+        if new:
+            try:
+                self.embedding(QuerySpec(audio=aid))
+            except Exception:
+                self.uploads.remove(aid)
+                raise
         return aid
+
+    def audio_name(self, aid: str) -> str:
+        """The file name an uploaded clip came with."""
+        return self._clip(aid)[1]
+
+    def _clip(self, aid: str) -> tuple[Path, str]:
+        clip = self.uploads.get(aid)
+        if clip is None:  # evicted since the request was checked
+            raise RequestError(f"audio id {aid!r} was dropped from the upload cache: upload the clip again", 404)
+        return clip
 
     def embedding(self, q: QuerySpec):
         """``(query, qm, qvs)`` of ``q``'s text/audio, cached (it does not depend on month/hour:
@@ -298,12 +283,14 @@ class Explorer:
 
         def compute():
             texts = [q.text] if q.text else []
-            audio = [self._audio[q.audio][0]] if q.audio else []
+            clip = self._clip(q.audio) if q.audio else None
+            audio = [clip[0]] if clip else []
             with self._model_lock:
-                queries = build_queries(self.model, texts, audio, tokenizer=self.tokenizer, combine=True)
+                queries = build_queries(self.model, texts, audio, tokenizer=self.tokenizer, combine=True,
+                                        max_audio_seconds=self.uploads.max_seconds)
             query = queries[0]
-            if q.audio:
-                label = self._audio[q.audio][1]
+            if clip:
+                label = clip[1]
                 query.label = f"{q.text} + {label}" if q.text else label
             qm, qvs, _ = prepare_query(self.store, [query], None)
             return _Embedded(query, qm, qvs)
@@ -356,7 +343,7 @@ class Explorer:
     def _note_range(self, q: QuerySpec, zi, r: Raster) -> None:
         label = q.text or ""
         if q.audio:
-            label = (label + " + " if label else "") + self._audio[q.audio][1]
+            label = (label + " + " if label else "") + self.audio_name(q.audio)
         zl = MEAN if zi == MEAN else self.zoom_levels[zi]
         self.ranges[(q.query_key, q.md_key, zi)] = {
             "query": label, "month": q.month, "hour": q.hour, "zoom_level": zl,
@@ -470,7 +457,8 @@ class Explorer:
     def stats(self) -> dict:
         return {"caches": {c.name: c.stats() for c in (self.rasters, self.tiles, self.embeddings, self.refused)},
                 "held_bytes": self.held_bytes, "load_seconds": round(self.load_seconds, 3),
-                "computed": [{"key": repr(k), "times": v} for k, v in self.once.computed.items()],
+                "computed": [{"key": repr(k), "times": v} for k, v in self.once.counts()],
+                "computed_dropped": self.once.computed_dropped, "uploads": self.uploads.stats(),
                 "jobs": self.jobs()}
 
 

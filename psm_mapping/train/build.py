@@ -253,9 +253,10 @@ def cut_image(source, lat: float, lon: float, cfg: BuildConfig) -> tuple[np.ndar
 
 def mel_draws(path: Path, n: int = N_MEL_DRAWS) -> dict[int, torch.Tensor]:
     """The ``n`` CLAP fusion feature draws (seeds 1..n) ``[4, 1001, 64]`` of an audio file."""
+    from ..model.audio import MAX_TRAINING_AUDIO_SECONDS
     from ..model.clap import audio_features, load_audio
 
-    wave = load_audio(path)
+    wave = load_audio(path, max_seconds=MAX_TRAINING_AUDIO_SECONDS)
     return {s: audio_features([wave], seed=s)["input_features"][0].contiguous() for s in range(1, n + 1)}
 
 

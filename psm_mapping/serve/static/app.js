@@ -3,6 +3,12 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const base = location.origin + location.pathname.replace(/[^/]*$/, "");
+  // the server's token (psm-map serve prints the page's URL with ?token=... when it has one):
+  // sent as a header with the page's own requests and in the URLs of tiles, images and downloads
+  const token = new URLSearchParams(location.search).get("token") || "";
+  function withToken(url) {
+    return token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
+  }
   const state = { text: "", audio: null, audioName: "", zoom_level: null, month: 0, hour: -1,
                   band: "similarity", opacity: 0.8, summary: null };
   const recent = [];
@@ -30,6 +36,8 @@
   function hasQuery() { return Boolean(state.text || state.audio); }
 
   async function getJSON(url, opts) {
+    opts = Object.assign({}, opts || {});
+    if (token) opts.headers = Object.assign({}, opts.headers || {}, { "X-PSM-Token": token });
     const r = await fetch(url, opts);
     let body = null;
     try { body = await r.json(); } catch (e) { body = null; }
@@ -117,7 +125,7 @@
 
   // ------------------------------------------------------------------ the overlay
   function tileTemplate() {
-    return base + "tiles/{z}/{x}/{y}.png?" + queryParams(true).toString();
+    return withToken(base + "tiles/{z}/{x}/{y}.png?" + queryParams(true).toString());
   }
 
   function updateLayer() {
@@ -137,7 +145,7 @@
     document.body.dataset.tiles = url;
     map.once("idle", () => { if (document.body.dataset.tiles === url) document.body.dataset.state = "tiles-loaded"; });
     const dl = $("download");
-    dl.href = base + "api/export.tif?" + queryParams(false).toString();
+    dl.href = withToken(base + "api/export.tif?" + queryParams(false).toString());
     dl.classList.remove("disabled");
     $("copy-xyz").disabled = false;
     $("xyz-url").value = url;
@@ -152,7 +160,7 @@
     const z = s.zoom_levels.find((e) => String(e.zoom_level) === zl);
     const range = z ? z[state.band] : null;
     $("legend").hidden = false;
-    $("legend-img").src = base + "api/legend.png?band=" + state.band;
+    $("legend-img").src = withToken(base + "api/legend.png?band=" + state.band);
     let lo = "–", hi = "–";
     if (range && range.min !== null) {  // enough decimals to tell the two ends apart
       const span = Math.abs(range.max - range.min) || Math.abs(range.max) || 1;
@@ -274,7 +282,7 @@
     map.addControl(new maplibregl.NavigationControl({ showCompass: false }), "top-right");
     map.addControl(new maplibregl.ScaleControl(), "bottom-right");
     map.on("load", () => {
-      map.addSource("footprint", { type: "geojson", data: base + "api/footprint.geojson" });
+      map.addSource("footprint", { type: "geojson", data: withToken(base + "api/footprint.geojson") });
       map.addLayer({ id: "footprint", type: "line", source: "footprint",
                      paint: { "line-color": "#d62728", "line-width": 2 } });
       window.psm.map = map;
@@ -300,7 +308,7 @@
   }
 
   async function init() {
-    window.psm = { state: state, map: null };
+    window.psm = { state: state, map: null, token: token };
     try {
       info = await getJSON(base + "api/info");
     } catch (e) {
