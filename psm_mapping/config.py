@@ -149,6 +149,20 @@ def _time_list(option: str, value, lo: int, hi: int, example: str) -> tuple[int,
     return tuple(out)
 
 
+#: how zoom levels are sampled (:mod:`psm_mapping.zoomgrid`)
+ZOOM_SAMPLINGS = ("scale", "dense")
+DEFAULT_ZOOM_SAMPLING = "dense"
+
+
+def check_zoom_sampling(value) -> str:
+    """``scale`` or ``dense`` (None: the default)."""
+    v = str(value or DEFAULT_ZOOM_SAMPLING).strip().lower()
+    if v not in ZOOM_SAMPLINGS:
+        raise InputError(f"zoom sampling {value!r} is not known: use scale (each zoom on its own grid) or "
+                         "dense (every zoom at every output pixel)", option="zoom_sampling")
+    return v
+
+
 #: how a cube is written as COG: "auto" (one multi-band COG within the band limit), "bands", "folder"
 CUBE_LAYOUTS = ("auto", "bands", "folder")
 
@@ -249,8 +263,6 @@ class MapConfig:
             self.readers = check_count("readers", self.readers, lo=0)
         self.min_valid = check_fraction("min_valid", self.min_valid)
         self.check_time()
-        from .zoomgrid import check_zoom_sampling
-
         self.zoom_sampling = check_zoom_sampling(self.zoom_sampling)
         if self.is_cube and self.zoom_sampling != "dense":
             raise InputError("month x hour cubes need --zoom-sampling dense (the default): each zoom's grid of "

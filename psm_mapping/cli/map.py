@@ -6,16 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, PSMError
-from .base import ArgumentParser, add_query_terms, parser, whole
-
-
-def _zooms(text: str) -> tuple[int, ...]:
-    from ..config import check_zoom_levels
-
-    try:
-        return check_zoom_levels(text, upper=None)  # the trained range is the library's check
-    except PSMError as exc:
-        raise argparse.ArgumentTypeError(exc.cli_message) from None
+from .base import ArgumentParser, add_query_terms, imagery_options as _imagery_options, parser, whole, zooms as _zooms
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
@@ -201,22 +192,6 @@ def cmd_map(argv: list[str]) -> int:
 
         print(fault_message(run.fault_pixels), file=sys.stderr)
     return 0
-
-
-def _imagery_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> a dict, values read as YAML scalars (2 -> int, 0.5 -> float)."""
-    import yaml
-
-    out = {}
-    for it in items:
-        key, sep, value = it.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--imagery-option {it!r} is not KEY=VALUE: give e.g. --imagery-option retries=2")
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 def _find_checkpoint_first(cfg) -> None:

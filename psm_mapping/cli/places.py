@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .base import ArgumentParser, add_query_terms, whole
-
-
-def _zooms(text: str) -> tuple[int, ...]:
-    from .map import _zooms as zooms
-
-    return zooms(text)
+from .base import ArgumentParser, add_query_terms, imagery_options, whole, zooms as _zooms
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -75,9 +69,7 @@ def cmd_points(argv: list[str]) -> int:
     p.add_argument("--min-valid", type=float, help="minimum valid imagery fraction of a chip (0..1)")
     _model_args(p)
     a = p.parse_args(argv)
-    from .map import _imagery_options
-
-    extra = {"imagery_options": _imagery_options(a.imagery_option)} if a.imagery_option else {}
+    extra = {"imagery_options": imagery_options(a.imagery_option)} if a.imagery_option else {}
     if a.zoom_level:
         extra["zoom_levels"] = a.zoom_level
     cfg = _config(a, **extra)
