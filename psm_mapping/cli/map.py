@@ -171,8 +171,10 @@ def cmd_map(argv: list[str]) -> int:
         set_offline()
     if a.zones:  # a bad zones file is refused before any work
         from ..places.zonal import check_zones_out
+        from ..region import load_region
 
-        zones_out = check_zones_out(a.zones, cfg.out, cfg.overwrite)
+        zones_out = check_zones_out(a.zones, cfg.out, cfg.overwrite,
+                                    region=load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature))
     _find_checkpoint_first(cfg)
     if a.workers or a.scheduler:
         from ..distributed import map_region_distributed
