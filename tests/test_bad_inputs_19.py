@@ -127,6 +127,14 @@ def test_deleted_point_store_chunk_is_corruption(inp, centres, tmp_path, capsys)
     assert main(args) == 0  # psm-map points computes the chunk again
     assert "chips embedded 9;" in capsys.readouterr().err
     pd.testing.assert_frame_equal(pd.read_csv(out), ref, check_exact=False, atol=1e-6, rtol=0)
+    # --store naming the point store itself: used as is with its settings, refused (naming them) with others
+    before = fingerprint(root)
+    assert main(point_args(inp, csv, tmp_path / "again.csv", "--store", str(ps))) == 0
+    assert fingerprint(root) == before and not list(ps.glob("points-*"))
+    other = point_args(inp, csv, tmp_path / "other.csv", "--store", str(ps))
+    other[other.index("--zoom-level") + 1] = "1"
+    one_line(capsys, other, "zoom levels 1 vs 1,3,5", "--store")
+    assert fingerprint(root) == before and not (tmp_path / "other.csv").exists()
 
 
 # -- 11: negative coordinates ---------------------------------------------------------------------------

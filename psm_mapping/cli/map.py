@@ -5,14 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError, PSMError
-from .base import ArgumentParser, add_query_terms, imagery_options as _imagery_options, parser, whole, zooms as _zooms
+from ..constants import HOUR_RANGE, MONTH_RANGE
+from ..errors import InputError
+from .base import ArgumentParser, add_query_terms, parser, whole
+from .base import imagery_options as _imagery_options, zooms as _zooms
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
     add_query_terms(p)
-    p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 (default: masked)")
-    p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 (default: masked)")
+    p.add_argument("--month", type=whole("month", *MONTH_RANGE), help="month 1..12 (default: masked)")
+    p.add_argument("--hour", type=whole("hour", *HOUR_RANGE), help="hour 0..23 (default: masked)")
     p.add_argument("--months", metavar="LIST", help="a month x hour cube over these months: 3,6,9 or 1-12 or "
                                                     "1-12/3 (Zarr, COG or a COG folder; --month: one map)")
     p.add_argument("--hours", metavar="LIST", help="a cube over these hours: 6,12,18 or 0-23 or 0-23/3")

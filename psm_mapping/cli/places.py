@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..constants import HOUR_RANGE, MONTH_RANGE
 from .base import ArgumentParser, add_query_terms, imagery_options, whole, zooms as _zooms
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     add_query_terms(p)
-    p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 for sites without a month column value")
-    p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 for sites without an hour column value")
+    p.add_argument("--month", type=whole("month", *MONTH_RANGE),
+                   help="month 1..12 for sites without a month column value")
+    p.add_argument("--hour", type=whole("hour", *HOUR_RANGE), help="hour 0..23 for sites without an hour column value")
     p.add_argument("--audio-source", help="yfcc, iNat, aporee or freesound (default: the column, else masked)")
     p.add_argument("--caption-source", help="meta, qwen or pengi (default: the column, else masked)")
     p.add_argument("--no-fusion", action="store_true", help="skip metadata fusion (the authors' maps)")

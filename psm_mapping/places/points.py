@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, DEFAULT_ZOOM_LEVELS
+from ..config import ScoringSettings
+from ..constants import AUDIO_SOURCES, CAPTION_SOURCES
 from ..errors import InputError, StoreError
 from .sites import Sites, check_sites_on_imagery, load_sites
 from .store import POINT_FORMAT, PointSpec, PointStore, coords_sha256
@@ -34,47 +35,20 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PointsConfig:
-    """Everything a points run needs (the fields :class:`~psm_mapping.config.MapConfig` shares keep
-    its meaning). ``sites``: a path, a (Geo)DataFrame or :class:`Sites`; ``out``: a table path or
-    None (the table is returned only); ``store``: the folder for point stores (default ``psm-store``
-    next to ``out``, else the current folder); ``crs`` None: each site in its UTM zone."""
+class PointsConfig(ScoringSettings):
+    """Everything a points run needs: :class:`~psm_mapping.config.ScoringSettings` (the fields it
+    shares with :class:`~psm_mapping.config.MapConfig`, with their meaning) and the sites.
+    ``sites``: a path, a (Geo)DataFrame or :class:`Sites`; ``out``: a table path or None (the table
+    is returned only); ``store``: the folder for point stores (default ``psm-store`` next to
+    ``out``, else the current folder); ``crs`` None: each site in its UTM zone."""
 
     sites: Any = None
-    imagery: str | None = None
-    queries: Sequence[str] = ()
-    audio: Sequence[str] = ()
-    combine: bool = False
-    checkpoint: str | None = None
-    clap_config: str | dict | None = None
-    tokenizer: str | None = None
-    zoom_levels: Sequence[int] = DEFAULT_ZOOM_LEVELS
-    crs: str | None = None
     lon_col: str | None = None
     lat_col: str | None = None
-    month: int | None = None
-    hour: int | None = None
-    audio_source: str | None = None
-    caption_source: str | None = None
-    fuse: bool = True
     out: str | None = None
-    overwrite: bool = False
-    store: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 64
-    min_valid: float = 0.5
-    progress: bool = True
-    offline: bool = False
-    imagery_options: dict = field(default_factory=dict)
 
     def validate(self) -> "PointsConfig":
-        from ..config import check_count, check_fraction, check_hour, check_month, check_zoom_levels
-
-        self.zoom_levels = check_zoom_levels(self.zoom_levels)
-        self.batch_size = check_count("batch_size", self.batch_size)
-        self.min_valid = check_fraction("min_valid", self.min_valid)
-        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        self.check_settings()
         if not self.queries and not self.audio:
             raise InputError("no query given: pass --query TEXT and/or --audio FILE")
         if self.out is not None:

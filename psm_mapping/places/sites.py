@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import AUDIO_SOURCES, CAPTION_SOURCES
+from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, HOUR_RANGE, MONTH_RANGE
 from ..errors import ImageryError, InputError
 
-__all__ = ["Sites", "load_sites", "check_sites_on_imagery", "sites_from_frame", "LON_NAMES", "LAT_NAMES", "METADATA_COLUMNS"]
+__all__ = ["Sites", "load_sites", "check_sites_on_imagery",
+           "sites_from_frame", "LON_NAMES", "LAT_NAMES", "METADATA_COLUMNS"]
 
 LON_NAMES = ("lon", "lng", "long", "longitude")
 LAT_NAMES = ("lat", "latitude")
@@ -123,7 +124,7 @@ def _metadata_column(frame, col, path):
     missing = s.isna().to_numpy() | (s.astype(str).str.strip() == "").to_numpy()
     if col in ("month", "hour"):
         v = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
-        lo, hi, unknown = (1, 12, 0) if col == "month" else (0, 23, -1)
+        (lo, hi), unknown = (MONTH_RANGE, 0) if col == "month" else (HOUR_RANGE, -1)
         bad = ~missing & (~np.isfinite(v) | (v != np.round(v)) | (v < lo) | (v > hi))
         if bad.any():
             raise InputError(f"{path}: column {col!r} must be {lo}..{hi} (or empty: unknown); not in {_rows(bad)}")
