@@ -64,7 +64,12 @@ def _check_store_root(root: str | None) -> None:
 
 
 def _store_url(cfg: MapConfig, spec: StoreSpec) -> str:
+    from .store import OLD_FORMATS, STORE_FORMAT
+    from .storepath import check_store_as_root
+
     root = cfg.store or default_store_dir(cfg.out)
+    if check_store_as_root(root, spec, STORE_FORMAT, OLD_FORMATS, cfg.store_options or None):
+        return root.rstrip("/")  # --store names the store itself, built with these settings
     if "://" not in root:
         _check_store_root(root)
         try:

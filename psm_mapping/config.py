@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .constants import DEFAULT_ZOOM_LEVELS
+from .constants import DEFAULT_BATCH_SIZE, DEFAULT_MIN_VALID, DEFAULT_ZOOM_LEVELS, HOUR_RANGE, MONTH_RANGE
 from .errors import InputError, OutputError
 
 #: the largest zoom level a map accepts (chip = zoom x base tile; trained on 1, 3, 5)
@@ -81,12 +81,12 @@ def check_fraction(option: str, value) -> float:
 
 def check_month(month) -> int | None:
     """1..12, or None (masked)."""
-    return _in_range("month", month, 1, 12)
+    return _in_range("month", month, *MONTH_RANGE)
 
 
 def check_hour(hour) -> int | None:
     """0..23, or None (masked)."""
-    return _in_range("hour", hour, 0, 23)
+    return _in_range("hour", hour, *HOUR_RANGE)
 
 
 def _in_range(option: str, value, lo: int, hi: int) -> int | None:
@@ -106,13 +106,13 @@ def _in_range(option: str, value, lo: int, hi: int) -> int | None:
 def check_months(months) -> tuple[int, ...] | None:
     """The months of a cube (1..12) from ``"3,6,9"``, ``"1-12"``, ``"1-12/3"`` or a sequence;
     None: no month axis."""
-    return _time_list("months", months, 1, 12, "3,6,9 or 1-12 or 1-12/3")
+    return _time_list("months", months, *MONTH_RANGE, "3,6,9 or 1-12 or 1-12/3")
 
 
 def check_hours(hours) -> tuple[int, ...] | None:
     """The hours of a cube (0..23) from ``"6,12,18"``, ``"0-23"``, ``"0-23/3"`` or a sequence;
     None: no hour axis."""
-    return _time_list("hours", hours, 0, 23, "6,12,18 or 0-23 or 0-23/3")
+    return _time_list("hours", hours, *HOUR_RANGE, "6,12,18 or 0-23 or 0-23/3")
 
 
 def _time_list(option: str, value, lo: int, hi: int, example: str) -> tuple[int, ...] | None:
@@ -149,6 +149,20 @@ def _time_list(option: str, value, lo: int, hi: int, example: str) -> tuple[int,
     return tuple(out)
 
 
+#: how zoom levels are sampled (:mod:`psm_mapping.zoomgrid`)
+ZOOM_SAMPLINGS = ("scale", "dense")
+DEFAULT_ZOOM_SAMPLING = "dense"
+
+
+def check_zoom_sampling(value) -> str:
+    """``scale`` or ``dense`` (None: the default)."""
+    v = str(value or DEFAULT_ZOOM_SAMPLING).strip().lower()
+    if v not in ZOOM_SAMPLINGS:
+        raise InputError(f"zoom sampling {value!r} is not known: use scale (each zoom on its own grid) or "
+                         "dense (every zoom at every output pixel)", option="zoom_sampling")
+    return v
+
+
 #: how a cube is written as COG: "auto" (one multi-band COG within the band limit), "bands", "folder"
 CUBE_LAYOUTS = ("auto", "bands", "folder")
 
@@ -168,49 +182,74 @@ def imagery_sat_type(imagery: str | None) -> str:
     return p.sat_type if p is not None else "sentinel"
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- the settings
 @dataclass
-class MapConfig:
-    """Everything a map run needs. Paths are strings or Paths; ``imagery`` is a spec for
-    :func:`psm_mapping.imagery.open_source` (path, ``xyz:URL``, ``stac:URL`` or preset; None:
-    the newest Sentinel-2 cloudless preset); ``checkpoint`` None: ``$PSM_CHECKPOINT``, the cache,
-    or the official checkpoint for the imagery's sat type, downloaded on first use."""
+class ScoringSettings:
+    """The settings every scoring run shares (maps and sites: :class:`MapConfig`,
+    :class:`~psm_mapping.places.PointsConfig`), written once. ``imagery``: a spec for
+    :func:`psm_mapping.imagery.open_source` (path, ``xyz:URL``, ``stac:URL`` or preset; None: the
+    newest Sentinel-2 cloudless preset); ``checkpoint`` None: ``$PSM_CHECKPOINT``, the cache, or the
+    official checkpoint for the imagery's sat type, downloaded on first use."""
 
-    region: str | None = None
     imagery: str | None = None
     queries: Sequence[str] = ()
     audio: Sequence[str] = ()
     combine: bool = False
-    bbox: str | Sequence[float] | None = None
-    feature: str | None = None
     checkpoint: str | None = None
     clap_config: str | dict | None = None
     tokenizer: str | None = None
     zoom_levels: Sequence[int] = DEFAULT_ZOOM_LEVELS
-    stride: float | None = None
     crs: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
     month: int | None = None
     hour: int | None = None
     audio_source: str | None = None
     caption_source: str | None = None
     fuse: bool = True
+    overwrite: bool = False
+    store: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    #: chips per model call (maps also take ``"auto"``: from the device's free memory,
+    #: :func:`~psm_mapping.embed.auto_batch_size`)
+    batch_size: int | str = DEFAULT_BATCH_SIZE
+    min_valid: float = DEFAULT_MIN_VALID
+    progress: bool = True
+    #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
+    offline: bool = False
+    imagery_options: dict = field(default_factory=dict)
+
+    def check_settings(self, auto_batch: bool = False) -> None:
+        """The shared checks, normalising in place: zoom levels, batch size (``auto_batch``:
+        ``"auto"`` allowed), min-valid, month and hour."""
+        self.zoom_levels = check_zoom_levels(self.zoom_levels)
+        if auto_batch and str(self.batch_size).strip().lower() == "auto":
+            self.batch_size = "auto"
+        else:
+            self.batch_size = check_count("batch_size", self.batch_size)
+        self.min_valid = check_fraction("min_valid", self.min_valid)
+        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class MapConfig(ScoringSettings):
+    """Everything a map run needs: :class:`ScoringSettings` and the map's own. Paths are strings
+    or Paths."""
+
+    region: str | None = None
+    bbox: str | Sequence[float] | None = None
+    feature: str | None = None
+    stride: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
     out: str = "psm-map.tif"
     format: str = "cog"
     previews: bool = True
     score: bool = False
-    store: str | None = None
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    #: chips per model call, or ``"auto"`` (from the device's free memory, :func:`~psm_mapping.embed.auto_batch_size`)
-    batch_size: int | str = 64
     #: cut chips on the device from one uploaded window per zoom (None: on CUDA only)
     device_cut: bool | None = None
     #: ``torch.compile`` the image encoder
     compile: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
-    min_valid: float = 0.5
     #: ``scale``: each zoom level on its own grid (cells of about a quarter chip), resampled to the
     #: output grid at query time; ``dense`` (the default, see README): every zoom at every output
     #: pixel (:mod:`psm_mapping.zoomgrid`)
@@ -219,10 +258,6 @@ class MapConfig:
     #: cores (:func:`psm_mapping.pipeline.default_readers`); 0: the single prefetch thread of
     #: earlier versions (chips cut in the model's thread)
     readers: int | None = None
-    progress: bool = True
-    #: download nothing (checkpoint, tokenizer): a missing piece is an error at once
-    offline: bool = False
-    imagery_options: dict = field(default_factory=dict)
     extra_tags: dict = field(default_factory=dict)
     #: fsspec storage options for a remote ``store`` URL (e.g. S3 ``key``/``secret``/``client_kwargs``)
     store_options: dict = field(default_factory=dict)
@@ -238,19 +273,12 @@ class MapConfig:
         self.check_output_name()
         if self.stride is not None:
             self.stride = check_stride(self.stride)
-        self.zoom_levels = check_zoom_levels(self.zoom_levels)
-        if str(self.batch_size).strip().lower() == "auto":
-            self.batch_size = "auto"
-        else:
-            self.batch_size = check_count("batch_size", self.batch_size)
+        self.check_settings(auto_batch=True)
         self.block_size = check_count("block_size", self.block_size)
         self.max_pixels = check_count("max_pixels", self.max_pixels)
         if self.readers is not None:
             self.readers = check_count("readers", self.readers, lo=0)
-        self.min_valid = check_fraction("min_valid", self.min_valid)
         self.check_time()
-        from .zoomgrid import check_zoom_sampling
-
         self.zoom_sampling = check_zoom_sampling(self.zoom_sampling)
         if self.is_cube and self.zoom_sampling != "dense":
             raise InputError("month x hour cubes need --zoom-sampling dense (the default): each zoom's grid of "
@@ -264,7 +292,7 @@ class MapConfig:
 
     def check_time(self) -> None:
         """Month, hour and the cube's axes in range; one value or an axis per item, not both."""
-        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        self.month, self.hour = check_month(self.month), check_hour(self.hour)  # also when called alone
         self.months, self.hours = check_months(self.months), check_hours(self.hours)
         for one, many in (("month", "months"), ("hour", "hours")):
             if getattr(self, one) is not None and getattr(self, many) is not None:

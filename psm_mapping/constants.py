@@ -11,6 +11,13 @@ PATCH_SIZE = 16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_ZOOM_LEVELS = (1, 3, 5)
+#: chips per model call, unless told otherwise
+DEFAULT_BATCH_SIZE = 64
+#: the smallest valid imagery fraction of a chip that is embedded, unless told otherwise
+DEFAULT_MIN_VALID = 0.5
+#: the ranges of the month (1..12) and hour (0..23) metadata
+MONTH_RANGE = (1, 12)
+HOUR_RANGE = (0, 23)
 
 AUDIO_SOURCES: dict[str, int] = {"yfcc": 0, "iNat": 1, "aporee": 2, "freesound": 3}
 CAPTION_SOURCES: dict[str, int] = {"meta": 0, "qwen": 1, "pengi": 2}

@@ -27,6 +27,7 @@ import numpy as np
 
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
 from .cluster import TorchThreads, connect  # noqa: F401  (public here too)
+from . import constants
 from .errors import CheckpointError, InputError
 from .grid import Block, OutputGrid
 from .query import QueryMaps, Query, prepare_query, query_block
@@ -55,8 +56,8 @@ class BlockJob:
     imagery_options: dict
     metadata_options: dict
     zoom_levels: tuple[int, ...]
-    batch_size: int = 64
-    min_valid: float = 0.5
+    batch_size: int = constants.DEFAULT_BATCH_SIZE
+    min_valid: float = constants.DEFAULT_MIN_VALID
 
 
 @dataclass

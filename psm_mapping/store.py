@@ -22,9 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +30,8 @@ import numpy as np
 
 from .errors import StoreError
 from .grid import Block, OutputGrid, iter_blocks
+from .locks import BlockLocks, _local_path, lock_key  # noqa: F401 (the store's locks, public here too)
+from .storepath import spec_differences
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +151,9 @@ class EmbeddingStore:
         if group is not None and group.attrs.get("format") == STORE_FORMAT:
             found = group.attrs.get("key")
             if found != spec.key():
-                raise StoreError(f"the store {url} was built with other settings (key {found} != "
-                                 f"{spec.key()}): pass another --store folder or remove it")
+                raise StoreError(f"the store {url} was built with other settings "
+                                 f"({spec_differences(spec, group.attrs.get('spec'))}): pass another --store "
+                                 "folder or remove it")
             store = cls(url, group, spec)
             store._check_arrays()
             return store
@@ -365,14 +365,46 @@ class EmbeddingStore:
         """``name[zoom, ys, xs(, :)]`` in one read (several chunks decode concurrently); a chunk
         that does not decode is a :class:`StoreError`."""
         a = self.group[name]
+        at = where or f"rows {ys.start}..{ys.stop}, columns {xs.start}..{xs.stop}"
         try:
-            return a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
+            out = a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
         except Exception as exc:  # a chunk that does not decode (truncated, overwritten)
-            at = where or f"rows {ys.start}..{ys.stop}, columns {xs.start}..{xs.stop}"
             raise CorruptChunkError(f"the store {self.url} has a corrupt chunk in {name!r} at {at} "
                                     f"({type(exc).__name__}: {exc}): rerun the map command that "
                                     "built it (it recomputes corrupt blocks), or remove the store"
                                     ) from None
+        if name in self._must_be_present():
+            self._check_present(name, out, ys, xs, zoom_index, at)
+        return out
+
+    def _must_be_present(self) -> tuple[str, ...]:
+        """Arrays holding a value at every DONE pixel whose chip was embedded (valid >= min_valid)."""
+        return ("z_img", "mean", "var_sum", "uncertainty", "valid") if self.spec.probabilistic else \
+            ("z_img", "mean", "valid")
+
+    def _check_present(self, name: str, data, ys, xs, zoom_index, at: str) -> None:
+        """A chunk missing where the status says DONE is corruption, found like a bad checksum: a
+        missing chunk reads as its fill value (NaN), so a DONE pixel whose chip was embedded
+        (valid >= min_valid) with NaN in ``name`` (or a DONE pixel with NaN ``valid``) means the
+        chunk is gone (a whole chunk of NaN is never written for such pixels)."""
+        try:
+            st = np.asarray(self.group["status"][zoom_index, ys, xs])
+            valid = data if name == "valid" else np.asarray(self.group["valid"][zoom_index, ys, xs])
+        except Exception:  # unreadable status or valid: found when those are read
+            return
+        done = st == DONE
+        if not done.any():
+            return
+        first = np.asarray(data)[..., 0] if np.ndim(data) == st.ndim + 1 else np.asarray(data)
+        if name == "valid":
+            bad = done & np.isnan(first)
+        else:
+            # a hair above min_valid: the fraction was compared before its float32 rounding
+            bad = done & (np.nan_to_num(valid, nan=-1.0) >= self.spec.min_valid + 1e-6) & np.isnan(first)
+        if bad.any():
+            raise CorruptChunkError(f"the store {self.url} has a corrupt (missing) chunk in {name!r} at {at}: "
+                                    f"{int(bad.sum())} computed pixels read as empty: rerun the map command that "
+                                    "built it (it recomputes corrupt blocks), or remove the store")
 
     def iter_blocks(self) -> Iterator[Block]:
         """Every block of the store's grid (done or not), row-major; a store with zooms on their own
@@ -397,22 +429,8 @@ class EmbeddingStore:
                 f"{int((st == FAULT).sum())} faults)")
 
 
-def lock_key(block: Block) -> tuple:
-    """The lock of a block: its chunk index (and its zoom grid, for a store with zooms on their
-    own grids)."""
-    return tuple(int(i) for i in block.index) if block.zooms is None else \
-        (f"z{block.zooms[0]}", *(int(i) for i in block.index))
-
-
 class CorruptChunkError(StoreError):
     """A chunk of the store does not decode (checksum mismatch or truncation)."""
-
-
-def _local_path(url: str) -> Path | None:
-    """The folder of a local store URL, None for a remote one."""
-    if "://" not in url:
-        return Path(url)
-    return Path(url[len("file://"):]) if url.startswith("file://") else None
 
 
 def _old_format(url: str, fmt: str) -> StoreError:
@@ -456,90 +474,3 @@ def _os_error(exc: OSError, url: str, what: str) -> StoreError:
         fix = "check the folder, or pass another --store"
     return StoreError(f"cannot {what} at {where} ({exc.strerror or exc}): {fix}; finished blocks "
                       "are kept and a rerun resumes")
-
-
-# --------------------------------------------------------------------------- locks
-class BlockLocks:
-    """One lock file per block beside a local store (``<store>.locks/<row>_<col>.lock``, holding
-    ``pid host time``), so that two runs on one store compute each block once: the second
-    waits for the first. A lock whose process is gone (same host) or older than
-    ``stale_s`` (another host) is stale and taken over. Remote stores are not locked."""
-
-    def __init__(self, store_url: str, stale_s: float = 12 * 3600):
-        local = _local_path(store_url.rstrip("/"))
-        self.dir = local.with_name(local.name + ".locks") if local is not None else None
-        self.stale_s, self.host, self.pid = stale_s, socket.gethostname(), os.getpid()
-        #: an unreadable lock file older than this is stale (seconds)
-        self.unreadable_stale_s = 30.0
-        self.held: set[tuple[int, int]] = set()
-
-    def _path(self, index) -> Path:
-        return self.dir / ("_".join(str(i) for i in index) + ".lock")
-
-    def holder(self, index) -> str | None:
-        """``"pid N on HOST"`` of a live holder other than this process, else None."""
-        if self.dir is None:
-            return None
-        p = self._path(index)
-        try:
-            pid_s, host, t = p.read_text().split()[:3]
-            pid, t = int(pid_s), float(t)
-        except (OSError, ValueError):
-            try:  # unreadable: a lock of an older version, or a file cut short; stale once old
-                age = time.time() - p.stat().st_mtime
-            except OSError:
-                return None
-            return None if age > self.unreadable_stale_s else f"an unknown process ({p})"
-        if host == self.host and pid == self.pid:
-            return None
-        if host == self.host:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-            return f"pid {pid}"
-        return None if time.time() - t > self.stale_s else f"pid {pid} on {host}"
-
-    def acquire(self, index) -> bool:
-        """Take the lock of block ``index``; False while another live run holds it."""
-        if self.dir is None:
-            return True
-        index = tuple(index)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        p = self._path(index)
-        for _ in range(2):
-            # the lock appears whole or not at all: written under a private name, then hard-linked
-            # to the lock's name (atomic, and refused when the name exists), so a holder killed at
-            # any moment never leaves an empty lock behind
-            tmp = p.with_name(f".{p.name}.{self.pid}.{threading.get_ident()}")
-            tmp.write_text(f"{self.pid} {self.host} {time.time():.0f}\n")
-            try:
-                try:
-                    os.link(tmp, p)
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links: exclusive create
-                    with os.fdopen(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
-                        f.write(tmp.read_text())
-            except FileExistsError:
-                if self.holder(index) is not None:
-                    return False
-                p.unlink(missing_ok=True)  # stale, or our own from an earlier attempt
-                continue
-            finally:
-                tmp.unlink(missing_ok=True)
-            self.held.add(index)
-            return True
-        return False
-
-    def release(self, index) -> None:
-        index = tuple(index)
-        if self.dir is not None and index in self.held:
-            self._path(index).unlink(missing_ok=True)
-            self.held.discard(index)
-
-    def release_all(self) -> None:
-        for index in list(self.held):
-            self.release(index)

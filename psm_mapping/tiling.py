@@ -47,8 +47,8 @@ __all__ = [
 
 CHIP = constants.CHIP_SIZE
 HALF = CHIP // 2
-DEFAULT_MIN_VALID = 0.5
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_MIN_VALID = constants.DEFAULT_MIN_VALID
+DEFAULT_BATCH_SIZE = constants.DEFAULT_BATCH_SIZE
 DEFAULT_MAX_WINDOW_PX = 4096
 #: side in lattice pixels of one read (a fixed lattice tile)
 READ_TILE = 1024

@@ -29,22 +29,11 @@ import numpy as np
 from affine import Affine
 
 from . import constants
+from .config import DEFAULT_ZOOM_SAMPLING, ZOOM_SAMPLINGS, check_zoom_sampling  # noqa: F401 (public here)
 from .errors import InputError
 
 __all__ = ["ZOOM_SAMPLINGS", "DEFAULT_ZOOM_SAMPLING", "ZoomGroup", "check_zoom_sampling", "zoom_factors",
            "zoom_groups", "zoom_grid", "cell_need", "resample", "axis_weights", "chips_needed"]
-
-ZOOM_SAMPLINGS = ("scale", "dense")
-DEFAULT_ZOOM_SAMPLING = "dense"
-
-
-def check_zoom_sampling(value) -> str:
-    v = str(value or DEFAULT_ZOOM_SAMPLING).strip().lower()
-    if v not in ZOOM_SAMPLINGS:
-        raise InputError(f"zoom sampling {value!r} is not known: use scale (each zoom on its own grid) or "
-                         "dense (every zoom at every output pixel)", option="zoom_sampling")
-    return v
-
 
 def zoom_factors(sat_type: str, stride: float, zoom_levels: Sequence[int], sampling: str = "scale") -> tuple[int, ...]:
     """Per zoom level the zoom grid's pixel size in output pixels: 1 for ``dense`` and for zoom 1;
@@ -174,17 +163,16 @@ def zoom_grid(grid, group: ZoomGroup, mask: np.ndarray | None = None):
     """The zoom grid of ``group`` over the output grid ``grid`` as an
     :class:`~psm_mapping.grid.OutputGrid` (``mask``: the cells to compute, default those the
     region's pixels need). Factor 1: ``grid`` itself."""
-    from .grid import OutputGrid
+    from dataclasses import replace
 
     if group.factor == 1 and mask is None:
         return grid
     need = cell_need(grid.mask, group) if mask is None else mask
     zl = tuple(grid.zoom_levels)[group.zooms[0]:group.zooms[1]] if len(grid.zoom_levels) >= group.zooms[1] \
         else tuple(grid.zoom_levels)
-    return OutputGrid(crs=grid.crs, stride=grid.stride * group.factor,
-                      transform=zoom_transform(grid.transform, group.factor), width=group.width,
-                      height=group.height, mask=need, sat_type=grid.sat_type, zoom_levels=zl,
-                      region_name=grid.region_name, region_geometry=grid.region_geometry)
+    # the grid's own class (an OutputGrid) with the zoom grid's size: no import of grid.py (which imports this)
+    return replace(grid, stride=grid.stride * group.factor, transform=zoom_transform(grid.transform, group.factor),
+                   width=group.width, height=group.height, mask=need, zoom_levels=zl)
 
 
 def chips_needed(mask: np.ndarray, factors: Sequence[int]) -> list[int]:

@@ -28,12 +28,16 @@ def cmd_info(argv: list[str]) -> int:
             print(f"  {k}: {v}")
         return 0
     if Path(path).is_dir() and (Path(path) / "zarr.json").is_file():
-        import zarr
-
+        from ..errors import StoreError
         from ..store import STORE_FORMAT
+        from ..storepath import store_attrs_at
 
-        g = zarr.open_group(path, mode="r")
-        if g.attrs.get("format") == STORE_FORMAT:
+        attrs = store_attrs_at(path) or {}
+        if attrs.get("format") == "unreadable":
+            raise StoreError(f"{Path(path) / 'zarr.json'} is not readable JSON (cut short or overwritten): the "
+                             f"metadata of {path} is damaged: restore it from a copy, or remove the folder and rerun "
+                             "the command that wrote it")
+        if attrs.get("format") == STORE_FORMAT:
             from ..store import EmbeddingStore
 
             st = EmbeddingStore.open(path)

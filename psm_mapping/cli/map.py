@@ -5,23 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError, PSMError
+from ..constants import HOUR_RANGE, MONTH_RANGE
+from ..errors import InputError
 from .base import ArgumentParser, add_query_terms, parser, whole
-
-
-def _zooms(text: str) -> tuple[int, ...]:
-    from ..config import check_zoom_levels
-
-    try:
-        return check_zoom_levels(text, upper=None)  # the trained range is the library's check
-    except PSMError as exc:
-        raise argparse.ArgumentTypeError(exc.cli_message) from None
+from .base import imagery_options as _imagery_options, zooms as _zooms
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
     add_query_terms(p)
-    p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 (default: masked)")
-    p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 (default: masked)")
+    p.add_argument("--month", type=whole("month", *MONTH_RANGE), help="month 1..12 (default: masked)")
+    p.add_argument("--hour", type=whole("hour", *HOUR_RANGE), help="hour 0..23 (default: masked)")
     p.add_argument("--months", metavar="LIST", help="a month x hour cube over these months: 3,6,9 or 1-12 or "
                                                     "1-12/3 (Zarr, COG or a COG folder; --month: one map)")
     p.add_argument("--hours", metavar="LIST", help="a cube over these hours: 6,12,18 or 0-23 or 0-23/3")
@@ -180,8 +173,10 @@ def cmd_map(argv: list[str]) -> int:
         set_offline()
     if a.zones:  # a bad zones file is refused before any work
         from ..places.zonal import check_zones_out
+        from ..region import load_region
 
-        zones_out = check_zones_out(a.zones, cfg.out, cfg.overwrite)
+        zones_out = check_zones_out(a.zones, cfg.out, cfg.overwrite,
+                                    region=load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature))
     _find_checkpoint_first(cfg)
     if a.workers or a.scheduler:
         from ..distributed import map_region_distributed
@@ -201,22 +196,6 @@ def cmd_map(argv: list[str]) -> int:
 
         print(fault_message(run.fault_pixels), file=sys.stderr)
     return 0
-
-
-def _imagery_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> a dict, values read as YAML scalars (2 -> int, 0.5 -> float)."""
-    import yaml
-
-    out = {}
-    for it in items:
-        key, sep, value = it.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--imagery-option {it!r} is not KEY=VALUE: give e.g. --imagery-option retries=2")
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 def _find_checkpoint_first(cfg) -> None:

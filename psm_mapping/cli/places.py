@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .base import ArgumentParser, add_query_terms, whole
-
-
-def _zooms(text: str) -> tuple[int, ...]:
-    from .map import _zooms as zooms
-
-    return zooms(text)
+from ..constants import HOUR_RANGE, MONTH_RANGE
+from .base import ArgumentParser, add_query_terms, imagery_options, whole, zooms as _zooms
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     add_query_terms(p)
-    p.add_argument("--month", type=whole("month", 1, 12), help="month 1..12 for sites without a month column value")
-    p.add_argument("--hour", type=whole("hour", 0, 23), help="hour 0..23 for sites without an hour column value")
+    p.add_argument("--month", type=whole("month", *MONTH_RANGE),
+                   help="month 1..12 for sites without a month column value")
+    p.add_argument("--hour", type=whole("hour", *HOUR_RANGE), help="hour 0..23 for sites without an hour column value")
     p.add_argument("--audio-source", help="yfcc, iNat, aporee or freesound (default: the column, else masked)")
     p.add_argument("--caption-source", help="meta, qwen or pengi (default: the column, else masked)")
     p.add_argument("--no-fusion", action="store_true", help="skip metadata fusion (the authors' maps)")
@@ -75,9 +71,7 @@ def cmd_points(argv: list[str]) -> int:
     p.add_argument("--min-valid", type=float, help="minimum valid imagery fraction of a chip (0..1)")
     _model_args(p)
     a = p.parse_args(argv)
-    from .map import _imagery_options
-
-    extra = {"imagery_options": _imagery_options(a.imagery_option)} if a.imagery_option else {}
+    extra = {"imagery_options": imagery_options(a.imagery_option)} if a.imagery_option else {}
     if a.zoom_level:
         extra["zoom_levels"] = a.zoom_level
     cfg = _config(a, **extra)

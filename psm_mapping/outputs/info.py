@@ -119,8 +119,12 @@ def _zarr_info(path: str) -> MapInfo:
     import rioxarray  # noqa: F401
     import xarray as xr
 
+    import warnings
+
     try:
-        ds = xr.open_zarr(path, consolidated=None)
+        with warnings.catch_warnings():  # zarr's consolidated-metadata notes: not the user's concern
+            warnings.simplefilter("ignore")
+            ds = xr.open_zarr(path, consolidated=None)
     except Exception as exc:  # zarr raises many kinds
         raise InputError(f"cannot read Zarr map {path} ({exc}): give a map written by psm-map") from None
     with ds:

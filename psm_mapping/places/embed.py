@@ -105,11 +105,15 @@ class ChipSource:
 
 
 def fill_point_store(store: PointStore, chip_source: ChipSource, image_model: ImageModel,
-                     progress: bool = False, timings: PointTimings | None = None) -> int:
+                     progress: bool = False, timings: PointTimings | None = None, log_fn=None) -> int:
     """Embed every site chunk the store lacks; returns the number of chunks computed. Chips with
     valid fraction below the store's ``min_valid`` are not embedded (DONE, NaN); chips touching a
-    failed read are FAULT (NaN, retried by the next run)."""
+    failed read are FAULT (NaN, retried by the next run). A local store takes the map store's lock
+    per chunk (:class:`~psm_mapping.store.BlockLocks`): chunks another live run is computing are
+    left to it and waited for at the end, so two runs compute each chunk once."""
     from tqdm.auto import tqdm
+
+    from ..locks import BlockLocks
 
     t = timings if timings is not None else PointTimings()
     spec = store.spec
@@ -119,35 +123,75 @@ def fill_point_store(store: PointStore, chip_source: ChipSource, image_model: Im
         return 0
     bar = tqdm(total=sum(c.stop - c.start for c in todo), unit="site", desc="embedding sites",
                disable=not progress)
+    locks = BlockLocks(store.url)
+    queue, deferred, done = list(todo), [], [0]
+
+    def key(sl: slice) -> tuple:
+        return ("sites", sl.start)
+
+    def claim(wait_list: list) -> slice | None:
+        """The next chunk this run holds the lock of and that is still to compute."""
+        while queue:
+            sl = queue.pop(0)
+            if not locks.acquire(key(sl)):
+                wait_list.append(sl)
+                continue
+            if store.chunk_pending(sl):  # fresh: another run may have finished it meanwhile
+                return sl
+            locks.release(key(sl))
+            bar.update(sl.stop - sl.start)
+        return None
 
     def read(sl):
         t0 = time.perf_counter()
         r = chip_source.read(sl, zl)
         return r, time.perf_counter() - t0
 
+    def embed(sl, r) -> None:
+        n = sl.stop - sl.start
+        keep = (r["valid"] >= spec.min_valid) & ~r["fault"]
+        z_img = np.full((len(zl), n, spec.fc_dim), np.nan, np.float32)
+        flat = keep.reshape(-1)
+        if flat.any():
+            t0 = time.perf_counter()
+            z = image_model(r["chips"][flat], r["zooms"][flat])
+            t.model_s += time.perf_counter() - t0
+            t.chips += int(flat.sum())
+            z_img.reshape(-1, spec.fc_dim)[flat] = z
+        status = np.where(r["fault"], FAULT, DONE).astype(np.uint8)
+        valid = np.where(r["fault"], np.nan, r["valid"]).astype(np.float32)
+        t0 = time.perf_counter()
+        store.write_chunk(sl, z_img, valid, status)
+        t.write_s += time.perf_counter() - t0
+        locks.release(key(sl))
+        done[0] += 1
+        bar.update(n)
+
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="psm-sites") as pool:
-            fut = pool.submit(read, todo[0])
-            for i, sl in enumerate(todo):
+            sl = claim(deferred)
+            fut = pool.submit(read, sl) if sl is not None else None
+            while sl is not None:
                 r, dt = fut.result()
                 t.read_s += dt
-                fut = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
-                n = sl.stop - sl.start
-                keep = (r["valid"] >= spec.min_valid) & ~r["fault"]
-                z_img = np.full((len(zl), n, spec.fc_dim), np.nan, np.float32)
-                flat = keep.reshape(-1)
-                if flat.any():
-                    t0 = time.perf_counter()
-                    z = image_model(r["chips"][flat], r["zooms"][flat])
-                    t.model_s += time.perf_counter() - t0
-                    t.chips += int(flat.sum())
-                    z_img.reshape(-1, spec.fc_dim)[flat] = z
-                status = np.where(r["fault"], FAULT, DONE).astype(np.uint8)
-                valid = np.where(r["fault"], np.nan, r["valid"]).astype(np.float32)
-                t0 = time.perf_counter()
-                store.write_chunk(sl, z_img, valid, status)
-                t.write_s += time.perf_counter() - t0
-                bar.update(n)
+                nxt = claim(deferred)
+                fut = pool.submit(read, nxt) if nxt is not None else None
+                embed(sl, r)
+                sl = nxt
+        if deferred and log_fn is not None:
+            who = sorted({locks.holder(key(c)) or "?" for c in deferred})
+            log_fn(f"waiting for {len(deferred)} site chunks that another run ({', '.join(who)}) is computing "
+                   "in this point store")
+        while deferred:
+            queue[:] = deferred
+            deferred = []
+            while (sl := claim(deferred)) is not None:
+                r, dt = read(sl)
+                t.read_s += dt
+                embed(sl, r)
+            if deferred:
+                time.sleep(0.5)
     finally:
         bar.close()
-    return len(todo)
+        locks.release_all()
+    return done[0]

@@ -25,56 +25,30 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, DEFAULT_ZOOM_LEVELS
+from ..config import ScoringSettings
+from ..constants import AUDIO_SOURCES, CAPTION_SOURCES
 from ..errors import InputError, StoreError
-from .sites import Sites, load_sites
+from .sites import Sites, check_sites_on_imagery, load_sites
 from .store import POINT_FORMAT, PointSpec, PointStore, coords_sha256
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PointsConfig:
-    """Everything a points run needs (the fields :class:`~psm_mapping.config.MapConfig` shares keep
-    its meaning). ``sites``: a path, a (Geo)DataFrame or :class:`Sites`; ``out``: a table path or
-    None (the table is returned only); ``store``: the folder for point stores (default ``psm-store``
-    next to ``out``, else the current folder); ``crs`` None: each site in its UTM zone."""
+class PointsConfig(ScoringSettings):
+    """Everything a points run needs: :class:`~psm_mapping.config.ScoringSettings` (the fields it
+    shares with :class:`~psm_mapping.config.MapConfig`, with their meaning) and the sites.
+    ``sites``: a path, a (Geo)DataFrame or :class:`Sites`; ``out``: a table path or None (the table
+    is returned only); ``store``: the folder for point stores (default ``psm-store`` next to
+    ``out``, else the current folder); ``crs`` None: each site in its UTM zone."""
 
     sites: Any = None
-    imagery: str | None = None
-    queries: Sequence[str] = ()
-    audio: Sequence[str] = ()
-    combine: bool = False
-    checkpoint: str | None = None
-    clap_config: str | dict | None = None
-    tokenizer: str | None = None
-    zoom_levels: Sequence[int] = DEFAULT_ZOOM_LEVELS
-    crs: str | None = None
     lon_col: str | None = None
     lat_col: str | None = None
-    month: int | None = None
-    hour: int | None = None
-    audio_source: str | None = None
-    caption_source: str | None = None
-    fuse: bool = True
     out: str | None = None
-    overwrite: bool = False
-    store: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 64
-    min_valid: float = 0.5
-    progress: bool = True
-    offline: bool = False
-    imagery_options: dict = field(default_factory=dict)
 
     def validate(self) -> "PointsConfig":
-        from ..config import check_count, check_fraction, check_hour, check_month, check_zoom_levels
-
-        self.zoom_levels = check_zoom_levels(self.zoom_levels)
-        self.batch_size = check_count("batch_size", self.batch_size)
-        self.min_valid = check_fraction("min_valid", self.min_valid)
-        self.month, self.hour = check_month(self.month), check_hour(self.hour)
+        self.check_settings()
         if not self.queries and not self.audio:
             raise InputError("no query given: pass --query TEXT and/or --audio FILE")
         if self.out is not None:
@@ -126,12 +100,17 @@ def _sites(cfg: PointsConfig) -> Sites:
     return load_sites(cfg.sites, cfg.lon_col, cfg.lat_col)
 
 
-def _store_root(cfg: PointsConfig) -> Path:
+def _store_url(cfg: PointsConfig, spec: PointSpec) -> str:
+    """The point store of ``spec`` under ``cfg.store`` (a folder of stores), or ``cfg.store`` itself
+    when it is that store (another point store there is refused, never written into)."""
     from ..checks import _check_store_root, default_store_dir
+    from ..storepath import check_store_as_root
 
-    root = cfg.store or (default_store_dir(cfg.out) if cfg.out else "psm-store")
+    root = str(cfg.store or (default_store_dir(cfg.out) if cfg.out else "psm-store"))
+    if check_store_as_root(root, spec, POINT_FORMAT):
+        return root.rstrip("/")
     _check_store_root(root)
-    return Path(root)
+    return str(Path(root) / f"points-{spec.key()}.zarr")
 
 
 def score_points(cfg: PointsConfig | None = None, log_fn=print, **kw) -> PointsRun:
@@ -168,6 +147,7 @@ def score_points(cfg: PointsConfig | None = None, log_fn=print, **kw) -> PointsR
     image_model = ImageModel(model, device, cfg.batch_size)
     with open_source(cfg.imagery, **cfg.imagery_options) as source:
         _warn_imagery_mismatch(source, model.config.sat_type, cfg.zoom_levels)
+        check_sites_on_imagery(source, keys, model.config.sat_type, cfg.zoom_levels)
         if callable(getattr(source, "prepare", None)):  # searching sources (STAC) find their scenes
             source.prepare(_sites_bounds(keys, model.config.sat_type, cfg.zoom_levels))
         sha = file_sha256(ckpt)
@@ -177,14 +157,14 @@ def score_points(cfg: PointsConfig | None = None, log_fn=print, **kw) -> PointsR
                          chip_crs="utm" if cfg.crs is None else _crs_wkt(cfg.crs),
                          min_valid=float(cfg.min_valid), fc_dim=model.config.fc_dim,
                          probabilistic=model.config.probabilistic)
-        root = _store_root(cfg)
         tags = _provenance(model, sha, source, cfg, md)
-        store = PointStore.open_or_create(str(root / f"points-{spec.key()}.zarr"), spec, keys, attrs={
+        store = PointStore.open_or_create(_store_url(cfg, spec), spec, keys, attrs={
             "provenance": tags, "checkpoint_path": str(Path(ckpt).resolve()), "sites_name": sites.name})
         record_text_setup(store, cfg, model)
         t_setup = time.perf_counter()
         chip_source = ChipSource(source, model.config.sat_type, keys, cfg.crs)
-        fill_point_store(store, chip_source, image_model, progress=cfg.progress, timings=timings)
+        fill_point_store(store, chip_source, image_model, progress=cfg.progress, timings=timings,
+                         log_fn=log_fn)
     t_embed = time.perf_counter()
     table, invalid = site_table(sites, inverse, store, model, queries, md)
     prov = {**tags, **_table_tags(store, queries, cfg.zoom_levels, model)}

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import AUDIO_SOURCES, CAPTION_SOURCES
-from ..errors import InputError
+from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, HOUR_RANGE, MONTH_RANGE
+from ..errors import ImageryError, InputError
 
-__all__ = ["Sites", "load_sites", "sites_from_frame", "LON_NAMES", "LAT_NAMES", "METADATA_COLUMNS"]
+__all__ = ["Sites", "load_sites", "check_sites_on_imagery",
+           "sites_from_frame", "LON_NAMES", "LAT_NAMES", "METADATA_COLUMNS"]
 
 LON_NAMES = ("lon", "lng", "long", "longitude", "decimallongitude")  # Darwin Core: decimalLongitude
 LAT_NAMES = ("lat", "latitude", "decimallatitude")
@@ -76,6 +77,28 @@ def _find(columns, names, override, what, path) -> str:
                      option=f"{what}_col")
 
 
+def _check_unambiguous(frame, names, taken, values: np.ndarray, path, what: str) -> None:
+    """Two coordinate columns by the known names (``lon`` and ``longitude``) that disagree are
+    ambiguous: refused, naming ``--lon-col``/``--lat-col``. Columns that agree are one column."""
+    import pandas as pd
+
+    low = {}
+    for c in frame.columns:
+        low.setdefault(str(c).strip().lower(), c)
+    for n in names:
+        other = low.get(n)
+        if other is None or other == taken:
+            continue
+        v = pd.to_numeric(frame[other], errors="coerce").to_numpy(np.float64)
+        differ = ~np.isclose(v, values, rtol=0.0, atol=1e-9) & ~(np.isnan(v) & np.isnan(values))
+        if differ.any():
+            i = int(np.nonzero(differ)[0][0])
+            full = {"lon": "longitude", "lat": "latitude"}[what]
+            raise InputError(f"{path} has two {full} columns that disagree ({taken!r} and {other!r}, e.g. "
+                             f"{values[i]:g} vs {v[i]:g} in {_rows(np.arange(len(v)) == i)}): pass --{what}-col "
+                             "with the one to use", option=f"{what}_col")
+
+
 def _numbers(frame, col, lo, hi, path, what) -> np.ndarray:
     import pandas as pd
 
@@ -102,7 +125,7 @@ def _metadata_column(frame, col, path):
     missing = s.isna().to_numpy() | (s.astype(str).str.strip() == "").to_numpy()
     if col in ("month", "hour"):
         v = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
-        lo, hi, unknown = (1, 12, 0) if col == "month" else (0, 23, -1)
+        (lo, hi), unknown = (MONTH_RANGE, 0) if col == "month" else (HOUR_RANGE, -1)
         bad = ~missing & (~np.isfinite(v) | (v != np.round(v)) | (v < lo) | (v > hi))
         if bad.any():
             raise InputError(f"{path}: column {col!r} must be {lo}..{hi} (or empty: unknown); not in {_rows(bad)}")
@@ -149,6 +172,10 @@ def sites_from_frame(frame, lon_col: str | None = None, lat_col: str | None = No
         lat_c = _find(frame.columns, LAT_NAMES, lat_col, "lat", path)
         lon = _numbers(frame, lon_c, -180.0, 180.0, path, "longitude")
         lat = _numbers(frame, lat_c, -90.0, 90.0, path, "latitude")
+        if lon_col is None:
+            _check_unambiguous(frame, LON_NAMES, lon_c, lon, path, "lon")
+        if lat_col is None:
+            _check_unambiguous(frame, LAT_NAMES, lat_c, lat, path, "lat")
     md = {c: _metadata_column(frame, c, path) for c in METADATA_COLUMNS}
     return Sites(frame=frame, lon=lon, lat=lat, name=name, **md)
 
@@ -186,3 +213,27 @@ def _read_vector(p: Path):
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {p} as a vector file ({msg}): give a CSV with lon/lat columns, or a "
                          "GeoJSON, GPKG, Shapefile or GeoParquet of points") from None
+
+
+def check_sites_on_imagery(source, keys: np.ndarray, sat_type: str, zoom_levels) -> None:
+    """Sites whose largest chip misses the imagery everywhere: an error, as a region off the
+    imagery is (a table of empty rows helps no one). Some sites off it: their rows are empty
+    (``valid`` false, counted in the run's warning)."""
+    from ..constants import footprint_m
+
+    fp = source.footprint_lonlat()
+    if fp is None or len(keys) == 0:
+        return
+    w, s, e, n = fp
+    if w > e:  # a footprint across the antimeridian: not checked here
+        return
+    half = footprint_m(sat_type, max(zoom_levels)) / 2
+    dlat = half / 111_000.0
+    dlon = dlat / np.maximum(0.05, np.cos(np.radians(np.abs(keys[:, 1]))))
+    on = ((keys[:, 0] + dlon >= w) & (keys[:, 0] - dlon <= e) & (keys[:, 1] + dlat >= s) & (keys[:, 1] - dlat <= n))
+    if not on.any():
+        lw, ls, le, ln = keys[:, 0].min(), keys[:, 1].min(), keys[:, 0].max(), keys[:, 1].max()
+        raise ImageryError(f"none of the {len(keys):,} sites is on the imagery ({source.info.name} covers lon "
+                           f"{w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f}; the sites lon {lw:.4f}..{le:.4f}, lat "
+                           f"{ls:.4f}..{ln:.4f}): check the sites' coordinates (lon/lat swapped?) or choose "
+                           "another --imagery")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..store import DONE, FAULT, PENDING, create_by_rename  # the map store's status codes
+from ..storepath import spec_differences
 
 POINT_FORMAT = "psm-mapping-points/1"
 #: sites per Zarr chunk (the unit of resume)
@@ -109,8 +110,9 @@ class PointStore:
         if path.exists():
             store = cls.open(url, "r+")
             if store.group.attrs.get("key") != spec.key():
-                raise StoreError(f"the point store {url} was built with other settings: pass another --store "
-                                 "folder or remove it")
+                raise StoreError(f"the point store {url} was built with other settings "
+                                 f"({spec_differences(spec, store.group.attrs.get('spec'))}): pass another "
+                                 "--store folder or remove it")
             return store
         create_by_rename(path, lambda tmp: _create(tmp, spec, lonlat, attrs or {}), "create the point store")
         return cls.open(url, "r+")
@@ -133,9 +135,30 @@ class PointStore:
         return [slice(s, min(s + SITE_CHUNK, u)) for s in range(0, u, SITE_CHUNK)]
 
     def pending_chunks(self) -> list[slice]:
-        """Site chunks with a site not DONE at some zoom (never computed, or a read fault)."""
+        """Site chunks with a site not DONE at some zoom (never computed, or a read fault), and
+        chunks that are corrupt (:meth:`corrupt_chunks`: computed again)."""
         st = self.status()
-        return [c for c in self.chunks() if (st[:, c] != DONE).any()]
+        bad = {c.start for c in self.corrupt_chunks()}
+        return [c for c in self.chunks() if (st[:, c] != DONE).any() or c.start in bad]
+
+    def corrupt_chunks(self) -> list[slice]:
+        """Site chunks that do not decode, or whose ``z_img``/``valid`` is missing where the status
+        says DONE (a missing chunk reads as NaN: corruption, found like a bad checksum)."""
+        st = self.status()
+        return [c for c in self.chunks() if self._corrupt(c, st[:, c])]
+
+    def _corrupt(self, c: slice, status: np.ndarray) -> bool:
+        try:
+            z = np.asarray(self.group["z_img"][:, c, 0], np.float32)
+            v = np.asarray(self.group["valid"][:, c], np.float32)
+        except Exception:
+            return True
+        return bool(_missing(status, v, z, self.spec.min_valid).any())
+
+    def chunk_pending(self, c: slice) -> bool:
+        """Whether chunk ``c`` is still to compute (read fresh: not DONE at some zoom, or corrupt)."""
+        st = np.asarray(self.group["status"][:, c])
+        return bool((st != DONE).any()) or self._corrupt(c, st)
 
     def write_chunk(self, sl: slice, z_img: np.ndarray, valid: np.ndarray, status: np.ndarray) -> None:
         """One chunk's arrays ``[Z, n(, D)]``, ``status`` written last (the commit point)."""
@@ -157,6 +180,10 @@ class PointStore:
             raise StoreError(f"the point store {self.url} has a corrupt chunk ({type(exc).__name__}: {exc}): "
                              "rerun `psm-map points` (it recomputes) or remove the store") from None
         st = self.status()
+        bad = _missing(st, v, z[..., 0] if z.ndim == 3 else z, self.spec.min_valid)
+        if bad.any():
+            raise StoreError(f"the point store {self.url} has a corrupt (missing) chunk: {int(bad.sum())} computed "
+                             "site-zooms read as empty: rerun `psm-map points` (it recomputes) or remove the store")
         z[st != DONE] = np.nan
         return {"z_img": z, "valid": v, "status": st}
 
@@ -165,6 +192,13 @@ class PointStore:
         return (f"PointStore({self.url!r}, {self.spec.n_sites:,} distinct sites x zooms "
                 f"{','.join(map(str, self.spec.zoom_levels))}: {int((st == DONE).sum()):,} site-zooms done, "
                 f"{int((st == FAULT).sum()):,} faults)")
+
+
+def _missing(status: np.ndarray, valid: np.ndarray, z_first: np.ndarray, min_valid: float) -> np.ndarray:
+    """bool: DONE site-zooms whose ``valid`` is NaN, or that were embedded (valid >= min_valid, a
+    hair above for float32 rounding) but read NaN in ``z_img``: their chunk is gone."""
+    done = status == DONE
+    return done & (np.isnan(valid) | ((np.nan_to_num(valid, nan=-1.0) >= min_valid + 1e-6) & np.isnan(z_first)))
 
 
 def _create(path: Path, spec: PointSpec, lonlat: np.ndarray, attrs: dict) -> None:

@@ -17,6 +17,7 @@ A zone outside the map (or over NaN only) gets count 0 and empty values.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 STATS = ("count", "area", "mean", "median", "min", "max", "p10", "p90")
 QUANTILES = {"median": 0.5, "p10": 0.1, "p90": 0.9}
@@ -62,10 +65,14 @@ def read_map(path: str | os.PathLike) -> MapBands:
     s = os.fspath(path)
     if not Path(s).exists():
         raise InputError(f"map {s} does not exist: give the path of a map written by psm-map", option="map")
+    _not_a_store(s)
     try:
         info = read_info(s)
     except InputError:
         raise _not_psm(s, "not a raster psm-map reads") from None
+    if any(b.get("dims") for b in info.bands):
+        raise InputError(f"{s} is a month x hour cube, not a map of one setting: write the map of one month/hour "
+                         "with psm-map query STORE --month M --hour H --out map.tif and give that", option="map")
     kinds = [b.get("kind") for b in info.bands]
     if not info.bands or any(k not in ("similarity", "score", "uncertainty") for k in kinds):
         raise _not_psm(s, "its bands carry no psm-map band kinds")
@@ -82,15 +89,33 @@ def read_map(path: str | os.PathLike) -> MapBands:
         import rioxarray  # noqa: F401
         import xarray as xr
 
-        with xr.open_zarr(s, consolidated=None) as ds:
+        with warnings.catch_warnings():  # zarr's consolidated-metadata notes are not the user's concern
+            warnings.simplefilter("ignore")
+            ds = xr.open_zarr(s, consolidated=None)
+        with ds:
             arrays = [np.asarray(ds[b["variable"]].values, np.float32) for b in info.bands]
             crs, transform = CRS.from_wkt(ds.rio.crs.to_wkt()), ds.rio.transform()
     return MapBands(s, names, kinds, arrays, transform, crs, dict(info.tags))
 
 
-def load_zones(path: str | os.PathLike):
-    """A polygon vector file (any CRS) as a GeoDataFrame; points, lines or an empty file are an
-    :class:`InputError`."""
+def _not_a_store(path: str) -> None:
+    """An embedding or point store given where a map is expected: say what to do with it."""
+    from ..storepath import store_attrs_at
+
+    fmt = (store_attrs_at(path) or {}).get("format", "")
+    if str(fmt).startswith("psm-mapping-store/"):
+        raise InputError(f"{path} is an embedding store, not a map: make a map from it with psm-map query {path} "
+                         "--query TEXT --out map.tif, and give that map", option="map")
+    if str(fmt).startswith("psm-mapping-points/"):
+        raise InputError(f"{path} is a point store, not a map: give a map written by psm-map (.tif or .zarr)",
+                         option="map")
+
+
+def load_zones(path: str | os.PathLike, warn: bool = True):
+    """A polygon vector file (any CRS) as a GeoDataFrame; points, lines, features without a
+    geometry or an empty file are an :class:`InputError`. Invalid polygons (self-intersecting
+    rings, ...) are repaired with shapely's ``make_valid`` (their polygonal part), with a warning
+    (``warn``)."""
     import geopandas as gpd
 
     p = Path(path)
@@ -106,6 +131,12 @@ def load_zones(path: str | os.PathLike):
                          "GeoParquet of polygons", option="zones") from None
     if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry is None or len(gdf) == 0:
         raise InputError(f"zones file {p} has no features: give polygons", option="zones")
+    empty = (gdf.geometry.isna() | gdf.geometry.is_empty).to_numpy()
+    if empty.any():
+        from .sites import _rows
+
+        raise InputError(f"zones file {p} has features without a geometry ({_rows(empty)}): give each a "
+                         "polygon or remove those features", option="zones")
     kinds = set(gdf.geometry.dropna().geom_type.unique())
     if not kinds or kinds - {"Polygon", "MultiPolygon"}:
         other = ", ".join(sorted(kinds - {"Polygon", "MultiPolygon"})) or "no geometries"
@@ -117,6 +148,32 @@ def load_zones(path: str | os.PathLike):
             raise InputError(f"zones file {p} has no CRS and its coordinates are not degrees: save it with its "
                              "CRS", option="zones")
         gdf = gdf.set_crs("EPSG:4326")
+    return _repair(gdf, p, warn)
+
+
+def _repair(gdf, path, warn: bool):
+    """Invalid polygons made valid (shapely ``make_valid``, keeping the polygonal part): a
+    self-intersecting ring counts its area once, as its repaired polygon does."""
+    import shapely
+
+    bad = ~gdf.geometry.is_valid.to_numpy()
+    if not bad.any():
+        return gdf
+    from .sites import _rows
+
+    geoms = gdf.geometry.to_numpy().copy()
+    for i in np.nonzero(bad)[0]:
+        fixed = shapely.make_valid(geoms[i])
+        if fixed.geom_type == "GeometryCollection":  # lines or points from collapsed parts: dropped
+            parts = [g for g in fixed.geoms if g.geom_type in ("Polygon", "MultiPolygon")]
+            fixed = shapely.union_all(parts) if parts else shapely.Polygon()
+        geoms[i] = fixed
+    gdf = gdf.copy()
+    gdf[gdf.geometry.name] = gdf.geometry.__class__(geoms, crs=gdf.crs, index=gdf.index)
+    if warn:
+        log.warning("zones file %s has %d invalid polygon(s) (%s: self-intersecting or otherwise invalid rings): "
+                    "repaired with make_valid for these statistics; fix them in the file to silence this",
+                    path, int(bad.sum()), _rows(bad))
     return gdf
 
 
@@ -143,6 +200,28 @@ def _coverage(m: MapBands, zones_in_map_crs) -> tuple[np.ndarray, np.ndarray, np
     n = np.array([len(c) for c in cells])
     return (np.repeat(fid, n), np.concatenate(cells) if cells else np.zeros(0, np.int64),
             np.concatenate(covs) if covs else np.zeros(0))
+
+
+def _check_zones_meet_map(m: MapBands, gdf, fidx: np.ndarray, cov: np.ndarray) -> None:
+    """Zones that miss the map entirely: all of them is an error (as a region off the imagery is);
+    some of them a warning (their rows are empty)."""
+    F = len(gdf)
+    touches = np.bincount(fidx[cov > 0], minlength=F) > 0 if len(fidx) else np.zeros(F, bool)
+    if touches.all():
+        return
+    if not touches.any():
+        from ..outputs.results import lonlat_bounds
+
+        t, (H, W) = m.transform, m.shape
+        w, s_, e, n = lonlat_bounds(m.crs, (t.c, t.f + H * t.e, t.c + W * t.a, t.f))
+        zw, zs, ze, zn = gdf.to_crs("EPSG:4326").total_bounds
+        raise InputError(f"none of the {F} zones overlaps the map {m.path} (the map covers lon {w:.4f}..{e:.4f}, "
+                         f"lat {s_:.4f}..{n:.4f}; the zones lon {zw:.4f}..{ze:.4f}, lat {zs:.4f}..{zn:.4f}): give "
+                         "zones over the mapped area, or map their area first", option="zones")
+    from .sites import _rows
+
+    log.warning("%d of %d zones do not overlap the map (%s): their statistics are empty (count 0)",
+                int((~touches).sum()), F, _rows(~touches))
 
 
 def weighted_quantiles(x: np.ndarray, w: np.ndarray, qs) -> np.ndarray:
@@ -197,6 +276,7 @@ def zonal_stats(map_: MapBands | str | os.PathLike, zones, threshold: float = 0.
     gdf = zones if isinstance(zones, gpd.GeoDataFrame) else load_zones(zones)
     F = len(gdf)
     fidx, cells, cov = _coverage(m, gdf.to_crs(m.crs))  # grouped by feature, in order
+    _check_zones_meet_map(m, gdf, fidx, cov)
     bounds = np.searchsorted(fidx, np.arange(F + 1), "left")
     t = m.transform
     pixel_area = abs(t.a * t.e - t.b * t.d)
@@ -272,11 +352,17 @@ def zones_out_path(map_out) -> str:
     return str(map_out).rstrip("/") + ".zonal.csv"
 
 
-def check_zones_out(zones_path, map_out, overwrite: bool = False) -> str:
-    """Refuse a bad zones file or an existing table before a map run starts; the table's path."""
+def check_zones_out(zones_path, map_out, overwrite: bool = False, region=None) -> str:
+    """Refuse a bad zones file, zones that all miss ``region`` (a
+    :class:`~psm_mapping.region.Region`, the map's) or an existing table before a map run starts;
+    the table's path."""
     from .tables import check_table_out
 
-    load_zones(zones_path)
+    gdf = load_zones(zones_path, warn=False)
+    if region is not None and not gdf.to_crs("EPSG:4326").intersects(region.geometry).any():
+        w, s, e, n = region.geometry.bounds
+        raise InputError(f"none of the {len(gdf)} zones of {zones_path} overlaps the region (lon {w:.4f}..{e:.4f}, "
+                         f"lat {s:.4f}..{n:.4f}): give zones over the region, or leave out --zones", option="zones")
     out = zones_out_path(map_out)
     check_table_out(out, overwrite)
     return out
