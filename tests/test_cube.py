@@ -194,7 +194,7 @@ def test_cog_folder_and_multiband(inp, built, singles, tmp_path):
                  "--no-previews", "--out", str(out)]) == 0
     folder = tmp_path / "cube"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == [f"cube_m{m:02d}_h{h:02d}.tif" for m, h in SETTINGS]
+    assert names == sorted(f"cube_m{m:02d}_h{h:02d}.{ext}" for m, h in SETTINGS for ext in ("tif", "qml"))
     for (m, h), path in singles.items():
         f = folder / f"cube_m{m:02d}_h{h:02d}.tif"
         valid, errors, _ = cog_validate(str(f))
