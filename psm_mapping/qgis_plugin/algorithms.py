@@ -3,17 +3,46 @@ runs it (:mod:`.runner`). Optional parameters left empty are not passed, so they
 defaults; the CLI checks every value and its one-line error becomes QGIS's error."""
 from __future__ import annotations
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterDefinition,
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingLayerPostProcessorInterface, QgsProcessingParameterDefinition,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterString, QgsProcessingParameterVectorDestination, QgsProcessingUtils,
                        QgsRasterLayer)
 
+from pathlib import Path
+
 from . import runner
 
 _VECTOR_EXTS = ["gpkg", "geojson", "shp"]
 _FILE, _FOLDER = QgsProcessingParameterFile.File, QgsProcessingParameterFile.Folder
+
+
+class StyleBesideIt(QgsProcessingLayerPostProcessorInterface):
+    """Loads the ``.qml`` psm-map wrote beside a map into the layer Processing adds to the project
+    (Processing opens its outputs without their default style)."""
+
+    instance = None  # Processing keeps no reference: the one instance lives here
+
+    def postProcessLayer(self, layer, context, feedback):
+        if isinstance(layer, QgsRasterLayer):
+            qml = Path(layer.source()).with_suffix(".qml")
+            if qml.is_file():
+                _msg, ok = layer.loadNamedStyle(str(qml))
+                if ok:
+                    layer.triggerRepaint()
+
+    @classmethod
+    def create(cls) -> "StyleBesideIt":
+        cls.instance = cls()
+        return cls.instance
+
+
+def load_styled(out: str, context) -> None:
+    """When ``out`` is loaded on completion, give it the style beside it."""
+    if context.willLoadLayerOnCompletion(out):
+        context.layerToLoadOnCompletionDetails(out).setPostProcessor(StyleBesideIt.create())
 
 
 class PsmAlgorithm(QgsProcessingAlgorithm):
@@ -156,6 +185,7 @@ class MapAlgorithm(PsmAlgorithm):
         self.option(args, "--store", self.text(parameters, "STORE", context))
         args += ["--out", out, "--overwrite"]
         self.run_psm_map(args, feedback)
+        load_styled(out, context)
         return {"OUTPUT": out}
 
 
@@ -175,6 +205,7 @@ class QueryAlgorithm(PsmAlgorithm):
         args = ["query", self.parameterAsFile(parameters, "STORE", context), *self.query_args(parameters, context),
                 *self.model_args(parameters, context), "--out", out, "--overwrite"]
         self.run_psm_map(args, feedback)
+        load_styled(out, context)
         return {"OUTPUT": out}
 
 

@@ -68,9 +68,6 @@ def child_env() -> dict[str, str]:
     """QGIS's environment minus its own Python's settings (the user's psm-map may use another
     Python), plus tqdm's redraw interval and unbuffered output."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP")}
-    extra = os.environ.get("PSM_QGIS_PYTHONPATH")  # a checkout run from source (tests, developers)
-    if extra:
-        env["PYTHONPATH"] = extra
     env.update(TQDM_MININTERVAL="0.5", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     return env
 
@@ -79,7 +76,10 @@ def _reader(stream, name: str, q: "queue.Queue") -> None:
     """Put ``(name, text)`` segments (split at newlines and carriage returns) on ``q``."""
     buf = ""
     while True:
-        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        try:
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        except (OSError, ValueError):  # closed under us after a cancel
+            break
         if not chunk:
             break
         buf += chunk.decode("utf-8", errors="replace")
@@ -138,6 +138,18 @@ def run(args: list[str], feedback, executable: str) -> list[str]:
     q: queue.Queue = queue.Queue()
     for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
         threading.Thread(target=_reader, args=(stream, name, q), daemon=True).start()
+    try:
+        return _follow(proc, q, feedback)
+    finally:
+        if proc.poll() is None:  # an error in QGIS's feedback: psm-map must not run on unseen
+            _stop(proc)
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+
+
+def _follow(proc: subprocess.Popen, q: "queue.Queue", feedback) -> list[str]:
+    from qgis.core import QgsProcessingException
+
     lines: list[str] = []
     open_streams, last_desc = 2, None
     while open_streams:
