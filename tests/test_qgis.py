@@ -320,6 +320,38 @@ def test_provider_loads_and_lists_its_algorithms(tmp_path, plugins, wrapper):
     assert got["zonal"][:2] == ["MAP", "ZONES"] and got["zonal"][-1] == "OUTPUT"
 
 
+def test_qgis_draws_the_map_as_the_previews_do(tmp_path, plugins):
+    """QGIS opens the COG by path with the style beside it and paints each pixel the colour the
+    preview gives it (interpolated ramp vs the previews' 256 steps: within a few levels)."""
+    needs_qgis()
+    from psm_mapping.outputs import write_outputs
+    from psm_mapping.outputs.preview import colorize, value_range
+    from test_writers import make_result
+
+    res = make_result()
+    write_outputs(res, tmp_path / "map.tif", previews=False)
+    with rasterio.open(tmp_path / "map.tif") as src:
+        arr = src.read(1)
+        h, w = arr.shape
+    want = colorize(arr, "viridis", value_range("similarity", arr))
+    got = run_qgis("""
+        from qgis.PyQt.QtGui import qRed, qGreen, qBlue, qAlpha
+        lyr = QgsRasterLayer(ARGS["map"], "map")
+        r = lyr.renderer()
+        OUT["type"], OUT["band"] = r.type(), r.band()
+        b = r.block(1, lyr.extent(), ARGS["w"], ARGS["h"])
+        OUT["rgba"] = [[[f(b.color(i, j)) for f in (qRed, qGreen, qBlue, qAlpha)] for j in range(ARGS["w"])]
+                       for i in range(ARGS["h"])]
+    """, tmp_path / "home", plugins, {"map": str(tmp_path / "map.tif"), "w": w, "h": h})
+    assert got["type"] == "singlebandpseudocolor" and got["band"] == 1
+    rgba = np.asarray(got["rgba"], np.int16)
+    valid = np.isfinite(arr)
+    assert (~valid).any() and np.all(rgba[..., 3][~valid] == 0)  # nodata transparent
+    assert np.all(rgba[..., 3][valid] == 255)
+    diff = np.abs(rgba[..., :3][valid] - want[..., :3][valid].astype(np.int16))
+    assert diff.max() <= 6, diff.max()
+
+
 MAP_RUN = """
 def params(out, store, **kw):
     p = {"REGION": ARGS["region"], "IMAGERY": ARGS["scene"], "QUERY": "birds", "ZOOM_LEVELS": "1",
@@ -454,3 +486,74 @@ def test_cancel_stops_the_run_within_2_s_and_errors_are_one_line(tmp_path, plugi
         msg = got[key]
         assert msg and msg.startswith("psm-map: error:") and "\n" not in msg and needle in msg, (key, msg)
     assert got["no_exe"] and "cannot run psm-map" in got["no_exe"]
+
+
+# ---------------------------------------------------------------------------- Add to QGIS
+def test_connection_xml_format_and_escaping():
+    from psm_mapping.serve.qgis import connection_xml, xyz_url
+
+    url = xyz_url("http://127.0.0.1:8000/", {"text": 'a b&c"<', "month": "5", "other": "dropped"}, token="t0k")
+    assert url == "http://127.0.0.1:8000/tiles/{z}/{x}/{y}.png?text=a%20b%26c%22%3C&month=5&token=t0k"
+    text = connection_xml('psm: a "b" & <c>', url)
+    assert text.startswith("<!DOCTYPE connections>\n<qgsXYZTilesConnections")
+    (node,) = ET.fromstring(text.split("\n", 1)[1]).findall("xyztiles")
+    assert node.get("name") == 'psm: a "b" & <c>' and node.get("url") == url
+    assert (node.get("zmin"), node.get("zmax")) == ("0", "20")
+
+
+def test_connection_xml_from_the_explorer_loads_in_qgis(tmp_path, inp, plugins):
+    needs_qgis()
+    import httpx
+    from pyproj import Transformer
+
+    from test_serve import Server
+
+    out = tmp_path / "map.tif"
+    assert main(base_args(inp, out, "--query", "birds", "--no-previews", "--store", str(tmp_path / "store"))) == 0
+    (store,) = (tmp_path / "store").glob("*.zarr")
+    server = Server([str(store), "--checkpoint", str(inp["ckpt"]), "--clap-config", str(inp["clap"]),
+                     "--tokenizer", str(inp["tokenizer"]), "--basemap", "none"], tmp_path)
+    try:
+        r = server.get("/api/qgis-connection.xml", params={"text": "birds", "month": "5"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+        spoofed = server.get("/api/qgis-connection.xml", params={"text": "birds"}, headers={"Host": "evil.example:80"})
+        (node,) = ET.fromstring(spoofed.text.split("\n", 1)[1]).findall("xyztiles")
+        assert node.get("url").startswith(server.url + "/tiles/{z}/{x}/{y}.png?text=birds")  # never the Host header
+        for params, status in (({"text": "birds", "band": "nope"}, 400), ({}, 400),
+                               ({"text": "birds", "month": "13"}, 400)):
+            bad = server.get("/api/qgis-connection.xml", params=params)
+            assert bad.status_code == status and "error" in bad.json(), (params, bad.text)
+        xml_path = tmp_path / "psm-xyz.xml"
+        xml_path.write_bytes(r.content)
+        info = server.get("/api/info").json()
+        w, s, e, n = info["lonlat_bounds"]
+        tr = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+        x0, y0 = tr.transform(w, s)
+        x1, y1 = tr.transform(e, n)
+        # QGIS's own importer (Browser > XYZ Tiles > Load Connections) takes the file; the imported
+        # connection, as QGIS builds its layer URI, draws the explorer's tiles
+        got = run_qgis("""
+            from qgis.gui import QgsManageConnectionsDialog as D
+            from qgis.core import QgsSettings, QgsRectangle
+            from qgis.PyQt.QtCore import QUrl
+            from qgis.PyQt.QtGui import qAlpha
+            d = D(None, D.Import, D.XyzTiles, ARGS["xml"])
+            d.selectAll()
+            d.doExportImport()
+            s = QgsSettings()
+            s.beginGroup("qgis/connections-xyz")
+            OUT["names"] = s.childGroups()
+            name = OUT["names"][0]
+            url, zmin, zmax = s.value(name + "/url"), s.value(name + "/zmin"), s.value(name + "/zmax")
+            OUT["url"] = url
+            uri = "type=xyz&url=" + bytes(QUrl.toPercentEncoding(url)).decode() + f"&zmax={zmax}&zmin={zmin}"
+            lyr = QgsRasterLayer(uri, name, "wms")
+            OUT["valid"] = lyr.isValid()
+            b = lyr.dataProvider().block(1, QgsRectangle(*ARGS["extent"]), 64, 64)
+            OUT["opaque"] = sum(1 for r in range(64) for c in range(64) if qAlpha(b.color(r, c)) > 0)
+        """, tmp_path / "home", plugins, {"xml": str(xml_path), "extent": [x0, y0, x1, y1]}, gui=True)
+    finally:
+        server.stop()
+    assert got["names"] == ["psm-mapping: birds, month 5"]
+    assert got["url"] == server.url + "/tiles/{z}/{x}/{y}.png?text=birds&month=5"
+    assert got["valid"] is True and got["opaque"] > 64 * 64 // 4  # the map's pixels came through QGIS

@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
                   tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                   memory_limit=args.memory_limit * 1e9, max_upload_bytes=int(args.max_upload * (1 << 20)))
     app = create_app(explorer=ex, basemap=basemap)
-    app.state.public_url = url  # links the server hands out (QGIS connection) use it, never the Host header
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/"
+    app.state.public_url = url  # links the server hands out (QGIS connection) use it, never the Host header
     held = f"means held in memory ({ex.held_bytes / 1e9:.2f} GB, {ex.load_seconds:.1f} s)" if ex.hold_means \
         else "means streamed from the store (over 60% of --memory-limit)"
     print(f"psm-map serve: {args.store}: {ex.store.spec.width} x {ex.store.spec.height} px, zoom levels "
