@@ -163,7 +163,8 @@ def test_style_beside_the_cog_has_the_previews_ramp_and_range(tmp_path):
     assert r.get("type") == "singlebandpseudocolor" and r.get("band") == "1"
     lo, hi = value_range(res.bands[0].kind, np.asarray(res.bands[0].data, np.float32))
     shader = r.find("rastershader/colorrampshader")
-    assert float(shader.get("minimumValue")) == pytest.approx(lo) and float(shader.get("maximumValue")) == pytest.approx(hi)
+    assert float(shader.get("minimumValue")) == pytest.approx(lo)
+    assert float(shader.get("maximumValue")) == pytest.approx(hi)
     items = shader.findall("item")
     assert len(items) == 256 and shader.get("clip") == "0"
     lut = colormap_lut("viridis")
@@ -290,7 +291,8 @@ def test_runner_reads_tqdm_and_builds_argument_lists():
     assert ("embedding", 75) in got and ("embedding", 100) in got
     assert runner.parse_progress("psm-map: error: no region given") is None
     assert runner.parse_progress("map.tif: 3 bands, 100% valid") is None
-    assert runner.command_line("/v/bin/psm-map", ["x y", "--query", "a;b"]) == ["/v/bin/psm-map", "x y", "--query", "a;b"]
+    argv = ["x y", "--query", "a;b"]  # one argument each, whatever they hold
+    assert runner.command_line("/v/bin/psm-map", argv) == ["/v/bin/psm-map", *argv]
     assert runner.command_line("/v/bin/python3.11", ["q"]) == ["/v/bin/python3.11", "-m", "psm_mapping", "q"]
     assert runner.error_message(["a", "psm-map: error: bad --stride: give 10", "b"], 2) == \
         "psm-map: error: bad --stride: give 10"
@@ -480,6 +482,7 @@ def test_cancel_stops_the_run_within_2_s_and_errors_are_one_line(tmp_path, plugi
         OUT["no_exe"] = error_of()
     """), tmp_path / "home", plugins, args)
     assert got["cancel_error"] and "canceled" in got["cancel_error"]
+    print(f"Cancel -> psm-map gone in {got['stopped_after']:.2f} s")
     assert got["stopped_after"] < 2.0, got  # Cancel -> psm-map gone within 2 s
     assert got["alive"] is False and got["store"]  # the store stays for the next run to resume
     for key, needle in (("bad_zoom", "--zoom-level"), ("bad_checkpoint", "none.ckpt")):
@@ -557,3 +560,35 @@ def test_connection_xml_from_the_explorer_loads_in_qgis(tmp_path, inp, plugins):
     assert got["names"] == ["psm-mapping: birds, month 5"]
     assert got["url"] == server.url + "/tiles/{z}/{x}/{y}.png?text=birds&month=5"
     assert got["valid"] is True and got["opaque"] > 64 * 64 // 4  # the map's pixels came through QGIS
+
+
+def test_processing_assess_when_psm_map_has_it(tmp_path, plugins, inp):
+    """``psm:assess`` runs ``psm-map assess MAP OBSERVATIONS --column ... --out report.json`` (only
+    where this checkout has that command)."""
+    from psm_mapping.cli import COMMANDS
+
+    if "assess" not in COMMANDS:
+        pytest.skip("this psm-map has no assess command: psm:assess is not listed (test_provider_loads...)")
+    needs_qgis()
+    from pyproj import Transformer
+
+    from test_map_e2e import LEFT, RES, SIZE, TOP
+
+    out = tmp_path / "map.tif"
+    assert main(base_args(inp, out, "--query", "birds", "--no-previews")) == 0
+    tr = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True)
+    cx, cy = LEFT + SIZE * RES / 2, TOP - SIZE * RES / 2
+    obs = tmp_path / "obs.geojson"
+    obs.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"present": i % 2},
+         "geometry": {"type": "Point", "coordinates": list(tr.transform(cx - 140 + 20 * i, cy - 140 + 10 * i))}}
+        for i in range(8)]}))
+    report = tmp_path / "report.json"
+    got = run_qgis("""
+        OUT["algs"] = sorted(a.id() for a in reg.providerById("psm").algorithms())
+        res = processing.run("psm:assess", {"MAP_OR_STORE": ARGS["map"], "OBSERVATIONS": ARGS["obs"],
+                                            "COLUMN": "present", "SEED": 0, "OUTPUT": ARGS["report"]})
+        OUT["output"] = res["OUTPUT"]
+    """, tmp_path / "home", plugins, {"map": str(out), "obs": str(obs), "report": str(report)})
+    assert "psm:assess" in got["algs"] and got["output"] == str(report)
+    assert isinstance(json.loads(report.read_text()), dict)

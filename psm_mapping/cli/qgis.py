@@ -11,8 +11,9 @@ def cmd_qgis(argv: list[str]) -> int:
     p = parser("qgis", "The QGIS plugin: a Processing provider (psm) that runs this psm-map.")
     sub = p.add_subparsers(dest="action", required=True, metavar="{install,zip,info}")
     inst = sub.add_parser("install", help="copy the plugin into a QGIS profile and record this psm-map")
-    inst.add_argument("--plugins-dir", metavar="DIR", help="QGIS's plugins folder (default: the profile's, "
-                                                           "e.g. ~/.local/share/QGIS/QGIS3/profiles/default/python/plugins)")
+    inst.add_argument("--plugins-dir", metavar="DIR",
+                      help="QGIS's plugins folder (default: the profile's, e.g. "
+                           "~/.local/share/QGIS/QGIS3/profiles/default/python/plugins)")
     inst.add_argument("--profile", default="default", help="QGIS user profile (default: default)")
     inst.add_argument("--psm-map", metavar="PATH", help="the psm-map the plugin runs (default: this one)")
     z = sub.add_parser("zip", help="build the zip for QGIS's Plugins > Install from ZIP")

@@ -247,7 +247,8 @@ class ZonalAlgorithm(PsmAlgorithm):
         self.add(QgsProcessingParameterFeatureSource("ZONES", "Zones (polygons)", [QgsProcessing.TypeVectorPolygon]))
         self.add(QgsProcessingParameterNumber("THRESHOLD", "Score threshold of frac_above (0-1; empty: 0.5)",
                                               QgsProcessingParameterNumber.Double, None, True, 0.0, 1.0), True)
-        self.add(QgsProcessingParameterVectorDestination("OUTPUT", "Zonal statistics", QgsProcessing.TypeVectorAnyGeometry))
+        self.add(QgsProcessingParameterVectorDestination("OUTPUT", "Zonal statistics",
+                                                         QgsProcessing.TypeVectorAnyGeometry))
 
     def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, "MAP", context)
