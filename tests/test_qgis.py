@@ -289,6 +289,29 @@ def test_runner_reads_tqdm_and_builds_argument_lists():
     segs = [s for s in buf.getvalue().replace("\r", "\n").split("\n") if s.strip()]
     got = [runner.parse_progress(s) for s in segs]
     assert ("embedding", 75) in got and ("embedding", 100) in got
+    # a redraw reaches QGIS at once, though tqdm writes no newline after it
+    import queue
+    import threading
+
+    r, w = os.pipe()
+    q = queue.Queue()
+    with open(r, "rb", buffering=0) as rf:
+        t = threading.Thread(target=runner._reader, args=(rf, "err", q), daemon=True)
+        t.start()
+        os.write(w, "\rembedding:   0%|          | 0/9 [00:00<?, ?chip/s]".encode())
+        first = q.get(timeout=5)
+        first = first if first[1] else q.get(timeout=5)  # (the empty text before the carriage return)
+        assert first == ("err", "embedding:   0%|          | 0/9 [00:00<?, ?chip/s]")
+        bar = "\rembedding:  44%|████▍     | 4/9".encode()
+        os.write(w, bar[:20])  # a block character split between two writes
+        os.write(w, bar[20:] + b"\nmap: m.tif\n")
+        os.close(w)
+        t.join(5)
+    got_q = []
+    while not q.empty():
+        got_q.append(q.get())
+    assert ("err", "embedding:  44%|████▍     | 4/9") in got_q and ("err", "map: m.tif") in got_q
+    assert got_q[-1] == ("err", None) and not [x for x in got_q if x[1] and "\ufffd" in x[1]]
     assert runner.parse_progress("psm-map: error: no region given") is None
     assert runner.parse_progress("map.tif: 3 bands, 100% valid") is None
     argv = ["x y", "--query", "a;b"]  # one argument each, whatever they hold
@@ -457,6 +480,7 @@ def test_cancel_stops_the_run_within_2_s_and_errors_are_one_line(tmp_path, plugi
             on_text(text)
             orig(text)
         fb.setProgressText = spt
+        t0 = time.monotonic()
         try:
             processing.run("psm:map", params(ARGS["out"], ARGS["store"]), feedback=fb)
             OUT["cancel_error"] = None
@@ -476,13 +500,16 @@ def test_cancel_stops_the_run_within_2_s_and_errors_are_one_line(tmp_path, plugi
                                feedback=Feedback())
             except QgsProcessingException as exc:
                 return str(exc)
+        OUT["t"] = [time.monotonic() - t0]
         OUT["bad_zoom"] = error_of(ZOOM_LEVELS="1,x")
+        OUT["t"].append(time.monotonic() - t0)
         OUT["bad_checkpoint"] = error_of(CHECKPOINT=ARGS["store"] + "/none.ckpt")
+        OUT["t"].append(time.monotonic() - t0)
         ProcessingConfig.setSettingValue("PSM_MAP_EXECUTABLE", ARGS["region"])  # exists, not a program
         OUT["no_exe"] = error_of()
     """), tmp_path / "home", plugins, args)
     assert got["cancel_error"] and "canceled" in got["cancel_error"]
-    print(f"Cancel -> psm-map gone in {got['stopped_after']:.2f} s")
+    print(f"Cancel -> psm-map gone in {got['stopped_after']:.2f} s; steps at {got['t']}")
     assert got["stopped_after"] < 2.0, got  # Cancel -> psm-map gone within 2 s
     assert got["alive"] is False and got["store"]  # the store stays for the next run to resume
     for key, needle in (("bad_zoom", "--zoom-level"), ("bad_checkpoint", "none.ckpt")):

@@ -73,7 +73,12 @@ def child_env() -> dict[str, str]:
 
 
 def _reader(stream, name: str, q: "queue.Queue") -> None:
-    """Put ``(name, text)`` segments (split at newlines and carriage returns) on ``q``."""
+    """Put ``(name, text)`` segments (split at newlines and carriage returns) on ``q``; a progress
+    bar's redraw at once (tqdm writes a carriage return, then the bar, and nothing more until its
+    next redraw)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a bar's blocks are 3 bytes
     buf = ""
     while True:
         try:
@@ -82,11 +87,13 @@ def _reader(stream, name: str, q: "queue.Queue") -> None:
             break
         if not chunk:
             break
-        buf += chunk.decode("utf-8", errors="replace")
+        buf += decoder.decode(chunk)
         parts = re.split(r"[\r\n]", buf)
         buf = parts.pop()
         for p in parts:
             q.put((name, p))
+        if buf and parse_progress(buf) is not None:  # tqdm ends a redraw with no newline: show it now
+            q.put((name, buf))
     if buf:
         q.put((name, buf))
     q.put((name, None))
