@@ -334,7 +334,18 @@ def test_provider_loads_and_lists_its_algorithms(tmp_path, plugins, wrapper):
         OUT["params"] = [d.name() for d in reg.algorithmById("psm:map").parameterDefinitions()]
         OUT["query"] = [d.name() for d in reg.algorithmById("psm:query").parameterDefinitions()]
         OUT["zonal"] = [d.name() for d in reg.algorithmById("psm:zonal").parameterDefinitions()]
-    """, tmp_path / "home", plugins)
+        plugin.unload()
+        OUT["after_unload"] = reg.providerById("psm") is None
+        # as QGIS loads an installed plugin at start: its metadata, then initProcessing
+        import qgis.utils
+        qgis.utils.plugin_paths = [{plugins!r}]
+        qgis.utils.updateAvailablePlugins()
+        OUT["meta"] = [qgis.utils.pluginMetadata("psm_mapping_qgis", k)
+                       for k in ("name", "version", "hasProcessingProvider")]
+        OUT["started"] = (qgis.utils.loadPlugin("psm_mapping_qgis")
+                          and qgis.utils.startProcessingPlugin("psm_mapping_qgis"))
+        OUT["again"] = sorted(a.id() for a in reg.providerById("psm").algorithms())
+    """.replace("{plugins!r}", repr(str(plugins))), tmp_path / "home", plugins)
     want = ["psm:map", "psm:points", "psm:query", "psm:zonal"] + (["psm:assess"] if "assess" in COMMANDS else [])
     assert got["algs"] == sorted(want) and got["name"] == "PSM soundscape maps"
     assert got["exe"] == str(wrapper)
@@ -343,6 +354,10 @@ def test_provider_loads_and_lists_its_algorithms(tmp_path, plugins, wrapper):
     assert got["query"] == ["STORE", "QUERY", "AUDIO", "MONTH", "HOUR", "CHECKPOINT", "CLAP_CONFIG", "TOKENIZER",
                             "OUTPUT"]
     assert got["zonal"][:2] == ["MAP", "ZONES"] and got["zonal"][-1] == "OUTPUT"
+    from psm_mapping.outputs.results import software_version
+
+    assert got["after_unload"] is True and got["started"] is True and got["again"] == got["algs"]
+    assert got["meta"] == ["PSM soundscape maps", software_version(), "yes"]
 
 
 def test_qgis_draws_the_map_as_the_previews_do(tmp_path, plugins):
