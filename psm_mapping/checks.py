@@ -29,6 +29,12 @@ def _check_output(out: str, overwrite: bool, previews: bool = False) -> None:
     if not overwrite and stac_path(p).exists():
         raise OutputError(f"STAC item {stac_path(p)} exists: pass --overwrite to replace it, or choose "
                           "another --out", option="out")
+    if not overwrite and p.suffix.lower() in (".tif", ".tiff"):
+        from .outputs.qml import qml_path
+
+        if qml_path(p).exists():
+            raise OutputError(f"QGIS style {qml_path(p)} exists: pass --overwrite to replace it, or choose "
+                              "another --out", option="out")
     if previews and not overwrite:
         pd = default_preview_dir(p)
         if pd.exists():

@@ -194,7 +194,7 @@ def test_cog_folder_and_multiband(inp, built, singles, tmp_path):
                  "--no-previews", "--out", str(out)]) == 0
     folder = tmp_path / "cube"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == [f"cube_m{m:02d}_h{h:02d}.tif" for m, h in SETTINGS]
+    assert names == sorted(f"cube_m{m:02d}_h{h:02d}.{ext}" for m, h in SETTINGS for ext in ("tif", "qml"))
     for (m, h), path in singles.items():
         f = folder / f"cube_m{m:02d}_h{h:02d}.tif"
         valid, errors, _ = cog_validate(str(f))
@@ -206,7 +206,7 @@ def test_cog_folder_and_multiband(inp, built, singles, tmp_path):
         tol = F16_BOUND if (m, h) == OWN else 1e-5
         np.testing.assert_allclose(band(f, "birds"), band(path, "birds"), rtol=0, atol=tol)
     item = json.loads((tmp_path / "cube.stac.json").read_text())
-    assert sorted(item["assets"]) == sorted(f"m{m:02d}_h{h:02d}" for m, h in SETTINGS)
+    assert sorted(item["assets"]) == sorted(f"m{m:02d}_h{h:02d}{s}" for m, h in SETTINGS for s in ("", "_style"))
     # one multi-band COG: a band per (setting, query/uncertainty, zoom), named with month and hour
     one = tmp_path / "bands.tif"
     assert main(["query", str(built), *common(inp), "--months", "3,5", "--hours", "7,14", "--no-previews",

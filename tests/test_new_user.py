@@ -46,7 +46,7 @@ def test_cog_and_zarr_of_one_stem_in_one_folder(inp, tmp_path):
     assert main(base_args(inp, tmp_path / "m.tif", "--query", "birds", *store)) == 0
     assert main(base_args(inp, tmp_path / "m.zarr", "--query", "birds", "--format", "zarr", *store)) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["m.tif", "m.tif.preview", "m.tif.stac.json", "m.zarr", "m.zarr.preview",
+    assert names == ["m.qml", "m.tif", "m.tif.preview", "m.tif.stac.json", "m.zarr", "m.zarr.preview",
                      "m.zarr.stac.json", "store"]
     assert (tmp_path / "m.tif.preview" / "index.html").is_file()
     assert (tmp_path / "m.zarr.preview" / "index.html").is_file()

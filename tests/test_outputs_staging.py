@@ -189,7 +189,7 @@ def test_stac_item_is_replaced_with_its_output(tmp_path):
     second = json.loads(outputs.stac_path(out).read_text())
     assert second["assets"]["data"]["raster:bands"][0]["statistics"]["maximum"] == 99.0
     assert first["assets"]["data"]["raster:bands"][0]["statistics"]["maximum"] != 99.0
-    assert listing(tmp_path) == ["m.tif", "m.tif.stac.json"]
+    assert listing(tmp_path) == ["m.qml", "m.tif", "m.tif.stac.json"]  # with QGIS's style (test_qgis.py)
 
 
 # ------------------------------------------------------------------------------- light CLI

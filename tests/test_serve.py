@@ -622,6 +622,9 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     assert "birds" in d.find_element(By.ID, "recent").text
     assert d.find_element(By.ID, "xyz-url").get_attribute("value").startswith(server.url + "/tiles/{z}/{x}/{y}.png?text=birds")
     assert "/api/export.tif?text=birds" in d.find_element(By.ID, "download").get_attribute("href")
+    qgis_xml = d.find_element(By.ID, "qgis-xml").get_attribute("href")  # "Add to QGIS" (tests/test_qgis.py)
+    assert qgis_xml.startswith(server.url + "/api/qgis-connection.xml?text=birds")
+    assert server.get(qgis_xml[len(server.url):]).status_code == 200
     # a click shows the point values, equal to /api/point
     canvas = d.find_element(By.CSS_SELECTOR, "#map canvas")
     d.execute_script("""const m = window.psm.map, c = m.getCenter(); window._clickAt = [c.lng, c.lat];""")

@@ -270,7 +270,9 @@ def test_write_outputs_all(tmp_path, fmt):
     prev = out.name + ".preview"  # each output its own preview folder
     assert got["map"] == out and got["html"] == tmp_path / prev / "index.html"
     assert got["stac"] == tmp_path / (out.name + ".stac.json")
-    assert listing(tmp_path) == sorted([out.name, prev, out.name + ".stac.json"])
+    style = ["map.qml"] if fmt == "cog" else []  # QGIS's style beside a COG (tests/test_qgis.py)
+    assert listing(tmp_path) == sorted([out.name, prev, out.name + ".stac.json", *style])
+    assert got.get("style") == (tmp_path / "map.qml" if fmt == "cog" else None)
     assert len(got["previews"]) == 2 * len(res.bands)
     info = writers.read_info(out)
     assert info.format == fmt and (info.width, info.height) == (53, 37)

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train": "train:cmd_train",
     "evaluate": "train:cmd_evaluate",
     "build-shards": "train:cmd_build_shards",
+    "qgis": "qgis:cmd_qgis",
 }
 #: what runs when the first argument is no subcommand
 DEFAULT = "map:cmd_map"

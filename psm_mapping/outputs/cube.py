@@ -176,6 +176,7 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
     [...], "html": ...}`` (``"files"``: the folder's COGs)."""
     from . import cube_preview
     from .cog import write_cog_file
+    from .qml import qml_path, write_qml
     from .stac import stac_path
     from .write import default_preview_dir
     from .zarr import to_zarr
@@ -191,6 +192,10 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
     prev = Stage(default_preview_dir(target), overwrite) if previews else None
     if prev is not None:
         stages.append(prev)
+    style = Stage(qml_path(target), overwrite) if layout == "bands" else None
+    if style is not None:
+        stages.append(style)
+    kind, vrange = first_band_range(result) if layout != "zarr" else ("similarity", None)
     files: list[str] = []
     names: list[str] = []
     arrays = [v.data for v in result.variables]
@@ -202,12 +207,14 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
         elif layout == "bands":
             mr = bands_result(result)
             write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp)
+            write_qml(style.tmp, kind, None, vrange)
         else:
             tmp.mkdir()
             for s in range(len(result.settings)):
                 mr = result.slice_result(s)
                 name = folder_file(target, result, s)
                 write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp / name)
+                write_qml(qml_path(tmp / name), kind, None, vrange)
                 files.append(name)
         stages[1].tmp.write_text(cube_item_json(result, target, layout, files), encoding="utf-8")
         if prev is not None:
@@ -215,12 +222,25 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
 
     staged_all(stages, write, need_bytes=raw_bytes(arrays) * (2 if layout != "zarr" else 1))
     outputs: dict[str, Any] = {"map": stages[0].dst, "stac": stages[1].dst}
+    if style is not None:
+        outputs["style"] = style.dst
     if files:
         outputs["files"] = [stages[0].dst / f for f in files]
     if prev is not None:
         outputs["previews"] = [prev.dst / n for n in names if not n.endswith(".html")]
         outputs["html"] = prev.dst / "index.html"
     return outputs
+
+
+def first_band_range(result: CubeResult) -> tuple[str, tuple[float, float]]:
+    """(kind, colour range) of the band QGIS shows first in every COG of the cube (the first
+    variable at the first zoom): the cube previews' one range over every setting, so the month
+    and hour files of a folder share one colour scale."""
+    from .cube_preview import cube_range
+
+    sims = [v for v in result.variables if v.kind != "uncertainty"]
+    v = (sims or result.variables)[0]
+    return v.kind, cube_range(v.kind, v.data[:, 0])
 
 
 # --------------------------------------------------------------------------- STAC
@@ -257,15 +277,21 @@ def cube_item_json(result: CubeResult, target: Path, layout: str, files: list[st
     item = pystac.Item(id=name, geometry=geometry, bbox=list(shape(geometry).bounds), datetime=created,
                        properties=props)
     item.common_metadata.created = created
+    from .qml import qml_path
+    from .stac import add_style_asset
+
     if layout == "folder":
         for s, f in enumerate(files):
             item.add_asset(result.setting_stem(s), pystac.Asset(
                 href=f"./{name}/{f}", media_type=pystac.MediaType.COG, roles=["data"],
                 title=f"soundscape map, {result.setting_text(s)}"))
+            add_style_asset(item, f"{name}/{qml_path(f).name}", key=f"{result.setting_stem(s)}_style")
     else:
         media = pystac.MediaType.COG if layout == "bands" else "application/vnd+zarr"
         item.add_asset("data", pystac.Asset(href=f"./{name}", media_type=media, roles=["data"],
                                             title=f"soundscape cube ({'COG' if layout == 'bands' else 'Zarr'})"))
+        if layout == "bands":
+            add_style_asset(item, qml_path(name).name)
     epsg = result.crs.to_epsg()
     ProjectionExtension.ext(item, add_if_missing=True).apply(
         epsg=epsg, wkt2=None if epsg else result.crs.to_wkt("WKT2_2019"), shape=list(result.shape),

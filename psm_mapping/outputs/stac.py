@@ -3,7 +3,8 @@
 Written with pystac: geometry and bbox in lon/lat of the valid area (pixels where any band has a
 value), the ``proj`` extension (EPSG code, or WKT2 when the CRS has none; shape; transform), the
 ``raster`` extension per band (data type, nodata, statistics), one ``data`` asset whose href is the
-output's name relative to the Item (media type COG or Zarr), ``created``, and the provenance as
+output's name relative to the Item (media type COG or Zarr), a ``style`` asset for a COG's QGIS
+style ``<name>.qml`` (media type ``text/xml``, role ``style``), ``created``, and the provenance as
 ``psm:*`` properties (checkpoint and sha256, zoom levels, queries, metadata, imagery source and
 licence). The Item is staged and swapped into place together with its output."""
 from __future__ import annotations
@@ -75,9 +76,10 @@ def _stats(arrays: list) -> list[dict]:
 
 
 def make_item(result: MapResult, arrays: list, out: Path, fmt: str, valid: np.ndarray | None = None,
-              valid_transform=None):
+              valid_transform=None, style: str | None = None):
     """The pystac Item of ``result`` written at ``out`` (its href is ``./<out name>``). ``valid``
-    (optional, with ``valid_transform``) is a coarser valid mask for large lazy maps."""
+    (optional, with ``valid_transform``) is a coarser valid mask for large lazy maps; ``style``:
+    the file name of the QGIS style beside it (the asset ``style``)."""
     import pystac
     from pystac.extensions.projection import ProjectionExtension
     from pystac.extensions.raster import DataType, RasterBand, RasterExtension, Statistics
@@ -116,6 +118,8 @@ def make_item(result: MapResult, arrays: list, out: Path, fmt: str, valid: np.nd
     asset = pystac.Asset(href=f"./{name}", media_type=media, roles=["data"],
                          title=f"soundscape map ({fmt})")
     item.add_asset("data", asset)
+    if style:
+        add_style_asset(item, style)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     epsg = crs.to_epsg()
     proj.apply(epsg=epsg, wkt2=None if epsg else crs.to_wkt("WKT2_2019"), shape=list(result.shape),
@@ -126,6 +130,16 @@ def make_item(result: MapResult, arrays: list, out: Path, fmt: str, valid: np.nd
     for band, ab in zip(result.bands, asset.extra_fields["raster:bands"]):
         ab["name"], ab["description"] = band.name, band.description
     return item
+
+
+def add_style_asset(item, name: str, key: str = "style") -> None:
+    """List the QGIS style ``name`` (beside the Item) as the asset ``key``."""
+    import pystac
+
+    from .qml import QML_MEDIA_TYPE, QML_ROLE
+
+    item.add_asset(key, pystac.Asset(href=f"./{name}", media_type=QML_MEDIA_TYPE, roles=[QML_ROLE],
+                                     title="QGIS layer style (QGIS loads it with the map)"))
 
 
 def item_json(item) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import OutputError
 from . import preview as _preview
 from .cog import cog_profile, write_cog_any
+from .qml import qml_path, write_qml
 from .results import MapResult, check_format, check_result, full_tags
 from .stac import item_json, make_item, stac_path
 from .staging import Stage, exists_error, is_local, local_path, raw_bytes, staged_all
@@ -54,8 +55,9 @@ def coarse(arrays: list, transform, max_px: int):
 def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", previews: bool = True,
                   overwrite: bool = False, preview_dir: str | os.PathLike | None = None,
                   compress: str = "deflate", progress: bool = False, stac: bool = True) -> dict[str, Any]:
-    """Write the map (``fmt`` "cog" or "zarr"), its STAC Item ``<out>.stac.json`` (if ``stac``)
-    and, if ``previews``, the preview folder (default ``<out>.preview/``). Every target is checked
+    """Write the map (``fmt`` "cog" or "zarr"), its STAC Item ``<out>.stac.json`` (if ``stac``),
+    a COG's QGIS style ``<out base name>.qml`` (:mod:`.qml`) and, if ``previews``, the preview
+    folder (default ``<out>.preview/``). Every target is checked
     before anything is written and all are swapped into place together at the end. Bands holding
     dask arrays are written by the dask writers. Returns ``{"map": ..., "stac": ..., "previews":
     [...], "html": ...}``."""
@@ -85,7 +87,8 @@ def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", p
     map_stage = Stage(local_path(out), overwrite) if local else None
     stac_stage = Stage(stac_path(local_path(out)), overwrite) if (stac and local) else None
     prev_stage = Stage(local_path(preview_dir), overwrite) if previews else None
-    stages = [s for s in (map_stage, stac_stage, prev_stage) if s is not None]
+    qml_stage = Stage(qml_path(local_path(out)), overwrite) if (fmt == "cog" and local) else None
+    stages = [s for s in (map_stage, qml_stage, stac_stage, prev_stage) if s is not None]
     fs = None
     if not local:  # remote Zarr: validate up-front, write it last
         import fsspec
@@ -103,12 +106,14 @@ def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", p
         for x in a:
             valid |= np.isfinite(x)
         return item_json(make_item(result, arrays, Path(local_path(out) if local else os.fspath(out)), fmt,
-                                   valid=valid, valid_transform=t))
+                                   valid=valid, valid_transform=t,
+                                   style=qml_stage.dst.name if qml_stage is not None else None))
 
     def write() -> None:
         if map_stage is not None:
             if fmt == "cog":
                 write_cog_any(result, arrays, map_stage.tmp, compress)
+                write_qml(qml_stage.tmp, result.bands[0].kind, small_arrays()[0][0])
             else:
                 to_zarr(to_dataset(result, arrays), str(map_stage.tmp))
         if stac_stage is not None:
@@ -132,6 +137,8 @@ def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", p
         outputs["map"] = map_stage.dst
     if stac_stage is not None:
         outputs["stac"] = stac_stage.dst
+    if qml_stage is not None:
+        outputs["style"] = qml_stage.dst
     if prev_stage is not None:
         outputs["previews"] = [prev_stage.dst / n for n in names if n.endswith(".png")]
         outputs["html"] = prev_stage.dst / "index.html"

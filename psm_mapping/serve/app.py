@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import PSMError
 from .engine import BANDS, Explorer, QuerySpec, RequestError
 from .security import Security, SecurityMiddleware, request_base
+from .qgis import router as qgis_router
 from .tiles import MAX_TILE_ZOOM, colormap_names, legend_png, transparent_png
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,8 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         await form.close()
         aid = await run_in_threadpool(ex.add_audio, data, f.filename)
         return {"id": aid, "name": ex.audio_name(aid)}
+
+    app.include_router(qgis_router)  # /api/qgis-connection.xml ("Add to QGIS")
 
     @app.get("/api/export.tif")
     def export(request: Request):

@@ -150,6 +150,9 @@
     $("copy-xyz").disabled = false;
     $("xyz-url").value = url;
     $("xyz-url").hidden = false;
+    const qx = $("qgis-xml");
+    qx.href = withToken(base + "api/qgis-connection.xml?" + queryParams(true).toString());
+    qx.classList.remove("disabled");
     updateLegend();
   }
 
