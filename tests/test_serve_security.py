@@ -357,6 +357,12 @@ def test_token_options(built, tmp_path):
     try:
         assert s.token == "my-secret-token-1" and "warning" not in s.stderr()
         json_error(httpx.get(s.url + "/api/info", timeout=60), 401)
+        # the QGIS connection file carries the token and the configured address, never a forged Host
+        r = httpx.get(s.url + "/api/qgis-connection.xml?text=birds&token=my-secret-token-1",
+                      headers={"Host": "localhost"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert f"url=\"{s.url}/tiles/" in r.text and "token=my-secret-token-1" in r.text, r.text
+        json_error(httpx.get(s.url + "/api/qgis-connection.xml?text=birds", timeout=60), 401)
     finally:
         assert s.stop() == 0
     s = TokenServer([*built["serve_args"], "--no-token"], tmp_path, host="0.0.0.0")
