@@ -6,7 +6,6 @@ driver (``distributed.py``) calls the same ``embed_block`` per block.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,6 +32,8 @@ from .model.checkpoint import file_sha256
 from .outputs import build_map_result, describe_outputs, write_outputs
 from .query import build_queries, query_store
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
+from .session import (compute_dtype, load_model, metadata_tags, record_text_setup,  # noqa: F401
+                      reuse_text_setup)
 from .zoomgrid import zoom_factors, zoom_grid
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
@@ -93,30 +94,6 @@ def fault_message(fault_pixels: int) -> str:
     """The line that says a map has holes from failed reads, and how they heal."""
     return (f"{fault_pixels:,} pixel-zooms are masked (NaN) because imagery reads failed (tile "
             "server errors after retries): rerun the same command to retry exactly those")
-
-
-def compute_dtype(dtype: str, device) -> str:
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return dtype
-
-
-def load_model(cfg: MapConfig, encoders: Sequence[str] = ("image", "text", "audio")):
-    """(model, checkpoint path, device) for ``cfg``, with the towers in ``encoders`` (see
-    :meth:`PSM.from_checkpoint`: a query of a store needs no image encoder)."""
-    from .model import PSM
-
-    device = resolve_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.checkpoint, sat_type=imagery_sat_type(cfg.imagery), quiet=not cfg.progress)
-    model = PSM.from_checkpoint(ckpt, clap_config=cfg.clap_config, device=device,
-                                dtype=compute_dtype(cfg.dtype, device), encoders=encoders)
-    return model, ckpt, device
-
-
-def metadata_tags(model, md: MetadataOptions) -> dict[str, str]:
-    """The ``fusion`` and ``metadata`` provenance tags of a map made with ``md``."""
-    return {"fusion": "on" if (md.fuse and model.config.uses_metadata) else "off",
-            "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)}
 
 
 def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptions, cfg: MapConfig) -> dict:
@@ -374,30 +351,6 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
                        store_url, store, tags, t_start)
 
 
-def record_text_setup(store: EmbeddingStore, cfg: MapConfig, model) -> None:
-    """Record in the store the tokenizer and CLAP config this run used, so that ``psm-map query``
-    and the explorer reuse them without being told (a run that names them updates the record)."""
-    rec = {}
-    if cfg.tokenizer or "tokenizer" not in store.attrs:
-        rec["tokenizer"] = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "roberta-base"
-    if cfg.clap_config or "clap_config" not in store.attrs:
-        rec["clap_config"] = model.clap_config.to_dict()
-    if rec:
-        try:
-            store.group.attrs.update(json.loads(json.dumps(rec, default=str)))
-        except (OSError, PermissionError) as exc:  # a read-only store still maps
-            log.warning("could not record the tokenizer in the store (%s)", exc)
-
-
-def reuse_text_setup(store: EmbeddingStore, cfg: MapConfig) -> None:
-    """Fill ``cfg.tokenizer`` / ``cfg.clap_config`` from what the store's run used, if not given."""
-    tok = store.attrs.get("tokenizer")
-    if not cfg.tokenizer and tok and tok != "roberta-base" and Path(tok).is_dir():
-        cfg.tokenizer = tok
-    if not cfg.clap_config and store.attrs.get("clap_config"):
-        cfg.clap_config = store.attrs["clap_config"]
-
-
 def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
     """Run the whole pipeline for ``cfg``; see :class:`MapConfig`."""
     prep = prepare_run(cfg, log_fn)
@@ -483,17 +436,16 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     cfg.check_time()
     if cfg.offline:
         set_offline()
+    from .session import open_session
+
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
+    session = open_session(store_url, cfg.checkpoint, encoders=("text", "audio") if cfg.audio else ("text",),
+                           clap_config=cfg.clap_config, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                           storage_options=cfg.store_options or None, progress=cfg.progress, log_fn=log_fn)
+    store, model = session.store, session.model
+    cfg.tokenizer = session.tokenizer
     prov = dict(store.attrs.get("provenance", {}))
-    if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
-        cfg.checkpoint = store.attrs.get("checkpoint_path")
-    reuse_text_setup(store, cfg)
-    model, ckpt, _ = load_model(cfg, encoders=("text", "audio") if cfg.audio else ("text",))
-    sha = file_sha256(ckpt)
-    if sha != store.spec.checkpoint_sha256:
-        raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "
-                         f"(sha256 {sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
     if cfg.is_cube:
         from .cube import check_cube_run
@@ -505,8 +457,10 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
         from .cube import cube_maps
 
         maps = cube_maps(store, queries, model, md, cfg)
-    else:
-        maps = query_store(store, queries, model=model, metadata=md)
+    else:  # in memory when small, else streamed window by window into the writers (bounded memory)
+        from .query import answer_maps
+
+        maps = answer_maps(store, queries, model=model, metadata=md)
     prov.update(metadata_tags(model, md))
     fault_pixels = int((store.status() == FAULT).sum())
     if fault_pixels:  # holes from failed reads: the map says so (the map run retries them)
@@ -522,7 +476,13 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
                                 progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
-    first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
+    if cfg.is_cube:
+        first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
+        pixels = int(np.isfinite(first).sum())
+    else:
+        from .maps import counted_pixels
+
+        pixels = counted_pixels(store)
     return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
-                               pixels=int(np.isfinite(first).sum()), blocks_total=int(done.sum()),
+                               pixels=pixels, blocks_total=int(done.sum()),
                                fault_pixels=fault_pixels)

@@ -48,7 +48,7 @@ def map_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="psm-map",
         description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, assess, serve, "
-                    "info, weights, convert, evaluate, build-shards, train, qgis (psm-map SUBCOMMAND -h).")
+                    "info, levels, weights, convert, evaluate, build-shards, train, qgis (psm-map SUBCOMMAND -h).")
     p.add_argument("region", nargs="?", help="region file (GeoJSON, GPKG, Shapefile, ...)")
     p.add_argument("--bbox", help="W,S,E,N in degrees instead of a region file")
     p.add_argument("--feature", help="one feature of the region file, by name or index")
