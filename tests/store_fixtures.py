@@ -30,14 +30,16 @@ def synthetic_store(path: Path, height: int, width: int, *, block: int = 8, zoom
         m = z / np.linalg.norm(z, axis=-1, keepdims=True)
         vs = rng.uniform(15, 25, shp).astype(np.float32) if probabilistic else np.full(shp, np.nan, np.float32)
         st = np.full(shp, DONE, np.uint8)
+        valid = np.ones(shp, np.float32)
         if holes:
             u = rng.random(shp)
             st[u < 0.1] = PENDING
             st[(u >= 0.1) & (u < 0.15)] = FAULT
             nan = (u >= 0.15) & (u < 0.2)  # DONE, too little imagery: no embedding
             m[nan], vs[nan], z[nan] = np.nan, np.nan, np.nan
+            valid[nan] = 0.25  # below min_valid, as a real run records it (else the store calls it corrupt)
             m[st != DONE], vs[st != DONE], z[st != DONE] = np.nan, np.nan, np.nan
         store.write_block(BlockEmbeddings(block=b, z_img=z.astype(np.float16), mean=m.astype(np.float16),
-                                          var_sum=vs, uncertainty=np.sqrt(np.abs(vs)), valid=np.ones(shp, np.float32),
+                                          var_sum=vs, uncertainty=np.sqrt(np.abs(vs)), valid=valid,
                                           status=st))
     return store
