@@ -14,10 +14,12 @@ from torch import nn
 from ..constants import GSD, SAT_TYPES
 from ..errors import CheckpointError, InputError
 from .checkpoint import RawCheckpoint, check_keys, read_checkpoint, save_safetensors, to_jsonable
-from .clap import ClapBranch, audio_features, load_audio, load_tokenizer, resolve_clap_config, tokenize
+from .clap import ClapBranch, audio_features, load_audio, resolve_clap_config
 from .fusion import MetaFuser, metadata_items
 from .heads import ProbEmbedding, Projector
 from .metadata import Metadata
+from .text import read_clap_dict
+from .tokenizer import load_tokenizer, tokenize
 from .vit import SatViT
 
 log = logging.getLogger(__name__)
@@ -177,30 +179,52 @@ class PSM(nn.Module):
                  encoders: Sequence[str] = ENCODERS):
         super().__init__()
         self.config = config
-        self.clap_config = resolve_clap_config(clap_config)
+        # the text tower reads the config as a plain dict; transformers' ClapConfig is resolved
+        # only for the audio tower or when asked for (:attr:`clap_config`)
+        self._clap_source = read_clap_dict(clap_config)
+        self._clap_resolved = clap_config if type(clap_config).__name__ == "ClapConfig" else None
         self.compute_dtype = dtype
         self.encoders = _check_encoders(encoders)
         self.sat_encoder = SatEncoder(config, backbone="image" in self.encoders)
         if config.audio and "audio" in self.encoders:
             self.audio_encoder = ClapBranch("audio", self.clap_config, config.probabilistic, config.fc_dim)
         if config.text and "text" in self.encoders:
-            self.text_encoder = ClapBranch("text", self.clap_config, config.probabilistic, config.fc_dim)
+            self.text_encoder = ClapBranch("text", self._clap_source, config.probabilistic, config.fc_dim)
         self.source: dict[str, Any] = {}
+        #: the text tower's weights while it waits for its first use (:meth:`from_checkpoint` ``defer_text``)
+        self._deferred_text: dict[str, torch.Tensor] | None = None
         self.eval()
+
+    @property
+    def clap_config(self):
+        """The CLAP config as a ``transformers.ClapConfig`` (imports transformers on first use)."""
+        if self._clap_resolved is None:
+            self._clap_resolved = resolve_clap_config(self._clap_source)
+        return self._clap_resolved
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, clap_config=None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32, encoders: Sequence[str] = ENCODERS) -> "PSM":
+                        dtype: torch.dtype | str = torch.float32, encoders: Sequence[str] = ENCODERS,
+                        defer_text: bool | None = None) -> "PSM":
         """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely.
 
         ``encoders``: the towers to build and load, of ``image`` (the ViT backbone), ``text`` and
         ``audio``; a query of a store needs no ``image`` (it fuses the stored ``z_img``), a text
-        query no ``audio``. The fusion and heads are always loaded."""
+        query no ``audio``. The fusion and heads are always loaded.
+
+        ``defer_text``: check the text tower's keys now but build it on its first use (a text
+        query, :meth:`state_dict`), so that queries answered from a text-embedding cache never
+        build it. Default: when ``image`` is not among ``encoders`` (a model for answering)."""
         raw = read_checkpoint(path)
         model = meta_model(raw, clap_config, dtype=_as_dtype(dtype), encoders=encoders)
+        if defer_text is None:
+            defer_text = "image" not in model.encoders
         expected = model.state_dict()
         sd = {k: v for k, v in raw.state_dict.items() if k in expected}
+        if defer_text and hasattr(model, "text_encoder"):
+            del model.text_encoder  # keys checked by meta_model; built by _load_deferred_text
+            model._deferred_text = {k: sd.pop(k) for k in list(sd) if k.startswith("text_encoder.")}
         model.load_state_dict(sd, strict=False, assign=True)
         model._materialise_missing_buffers()
         model.source = {"path": str(Path(path).resolve()), "format": raw.format,
@@ -208,10 +232,36 @@ class PSM(nn.Module):
         # compute in float32 whatever the storage dtype (official weights can be float16)
         return model.to(device=device, dtype=torch.float32).eval()
 
+    def _load_deferred_text(self) -> None:
+        """Build the text tower held back by :meth:`from_checkpoint` (``defer_text``)."""
+        if self._deferred_text is None:
+            return
+        weights, self._deferred_text = self._deferred_text, None
+        log.info("building the text tower")
+        with torch.device("meta"):
+            branch = ClapBranch("text", self._clap_source, self.config.probabilistic, self.config.fc_dim)
+        branch.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()}, strict=False, assign=True)
+        self.text_encoder = branch
+        self._materialise_missing_buffers()
+        branch.to(device=self.device, dtype=torch.float32).train(self.training)
+
+    # a deferred tower is part of the model's weights: whoever lists them gets it built
+    def state_dict(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().named_buffers(*args, **kwargs)
+
     def _materialise_missing_buffers(self) -> None:
         """Index buffers absent from the file are rebuilt from a fresh module (they are constants)."""
         for mname, module in self.named_modules():
-            for bname, buf in list(module.named_buffers(recurse=False)):
+            for bname, buf in list(nn.Module.named_buffers(module, recurse=False)):
                 if buf is not None and buf.is_meta:
                     fresh = _fresh_buffer(self, mname, bname)
                     module.register_buffer(bname, fresh, persistent=bname in module.state_dict())
@@ -225,7 +275,7 @@ class PSM(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.sat_encoder.encoder.projector.linear1.weight.device  # lists no (deferred) tower
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -279,6 +329,8 @@ class PSM(nn.Module):
 
     # ------------------------------------------------------------------ text / audio
     def _branch(self, name: str) -> ClapBranch:
+        if name == "text_encoder":
+            self._load_deferred_text()
         if not hasattr(self, name):
             kind = name.split("_")[0]
             if getattr(self.config, kind, False):
@@ -346,25 +398,12 @@ def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.
         cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
     if clap_config is None:
         clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
-    with torch.device("meta"), _skip_normal_init():
+    with torch.device("meta"):  # no memory, no values drawn (the modules skip init on meta)
         model = PSM(cfg, clap_config, dtype=dtype, encoders=encoders)
     left_out = tuple(p for e, p in _ENCODER_KEYS.items() if e not in model.encoders)
     found = {k: v for k, v in raw.state_dict.items() if not k.startswith(left_out)} if left_out else raw.state_dict
     check_keys(model.state_dict(), found, Path(raw.path).name if raw.path else "checkpoint")
     return model
-
-
-@contextlib.contextmanager
-def _skip_normal_init():
-    """While a model is built on the meta device: ``nn.init.normal_`` does nothing (a meta tensor
-    holds no values, so skipping it changes nothing), because the first ``normal_`` on meta sets
-    up Python decompositions that cost ~2 s, the largest part of a query's start-up."""
-    saved = nn.init.normal_
-    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        yield
-    finally:
-        nn.init.normal_ = saved
 
 
 def _count_indexed(state_dict: dict, prefix: str) -> int:
