@@ -499,7 +499,10 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
         from .cube import check_cube_run
 
         check_cube_run(cfg, model.config, md, zooms=len(store.spec.zoom_levels))
-    queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
+    from .textcache import text_cache_for
+
+    queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine,
+                            text_cache=text_cache_for(store.url, model, sha, cfg.tokenizer, cfg.store_options or None))
     t1 = time.perf_counter()
     if cfg.is_cube:
         from .cube import cube_maps

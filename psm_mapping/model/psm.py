@@ -196,6 +196,13 @@ class PSM(nn.Module):
         self.eval()
 
     @property
+    def text_config(self):
+        """The text tower's :class:`~.text.TextConfig` (no transformers import)."""
+        from .text import text_config
+
+        return text_config(self._clap_source)
+
+    @property
     def clap_config(self):
         """The CLAP config as a ``transformers.ClapConfig`` (imports transformers on first use)."""
         if self._clap_resolved is None:

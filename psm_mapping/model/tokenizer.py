@@ -84,23 +84,56 @@ def _from_folder(p: Path) -> TextTokenizer:
     if (p / "tokenizer.json").is_file():
         data = _read(p / "tokenizer.json")
         tok = Tokenizer.from_str(data.decode("utf-8"))
-        return TextTokenizer(tok, hashlib.sha256(data).hexdigest(), str(p))
+        return TextTokenizer(tok, _identity(p, data), str(p))
     vocab, merges = p / "vocab.json", p / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise FileNotFoundError("tokenizer.json or vocab.json + merges.txt")
-    v, m = _read(vocab), _read(merges)
     prefix = bool(config.get("add_prefix_space", False))
     tok = Tokenizer(BPE.from_file(str(vocab), str(merges), dropout=None, continuing_subword_prefix="",
                                   end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, lstrip=(s == "<mask>"), normalized=False, special=True)
+    tok.add_special_tokens([AddedToken(s, lstrip=_lstrip(config, s), normalized=False, special=True)
                             for s in SPECIALS])
     tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
                                                       ("<s>", tok.token_to_id("<s>")),
                                                       trim_offsets=True, add_prefix_space=prefix)
-    ident = hashlib.sha256(v + b"\0" + m + b"\0" + str(prefix).encode()).hexdigest()
-    return TextTokenizer(tok, ident, str(p))
+    return TextTokenizer(tok, _identity(p), str(p))
+
+
+def _lstrip(config: dict, token: str) -> bool:
+    """Whether ``token`` eats the space before it: as tokenizer_config.json says (roberta-base's
+    ``<mask>`` does), else not (as transformers builds a RobertaTokenizer from a plain string)."""
+    for entry in [*(config.get("added_tokens_decoder") or {}).values(),
+                  *(v for v in config.values() if isinstance(v, dict))]:
+        if isinstance(entry, dict) and entry.get("content") == token:
+            return bool(entry.get("lstrip", False))
+    return False
+
+
+def _identity(p: Path, tokenizer_json: bytes | None = None) -> str:
+    """sha256 of the files a tokenizer is built from (what decides its ids)."""
+    if tokenizer_json is not None or (p / "tokenizer.json").is_file():
+        return hashlib.sha256(tokenizer_json if tokenizer_json is not None else _read(p / "tokenizer.json")).hexdigest()
+    h = hashlib.sha256()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if (p / name).is_file():
+            h.update(name.encode() + b"\0" + _read(p / name) + b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer=None) -> str:
+    """The identity of a tokenizer (a :class:`TextTokenizer`, a folder, or None: roberta-base in
+    the Hugging Face cache) without building it: a hash of its files."""
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer.identity
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"no identity for a {type(tokenizer).__name__}: pass a folder or a TextTokenizer")
+    p = _roberta_base_folder() if tokenizer is None else Path(tokenizer)
+    if not p.is_dir():
+        raise TokenizerError(f"tokenizer folder {p} not found: pass --tokenizer DIR with a RoBERTa "
+                             "tokenizer (e.g. `hf download roberta-base --local-dir DIR`)")
+    return _identity(p)
 
 
 def _roberta_base_folder() -> Path:
@@ -176,4 +209,4 @@ def tokenize(texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-__all__ = ["TextTokenizer", "load_tokenizer", "tokenize", "TEXT_MAX_LENGTH"]
+__all__ = ["TextTokenizer", "load_tokenizer", "tokenize", "tokenizer_identity", "TEXT_MAX_LENGTH"]
