@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import AudioError, InputError
+from ..errors import AudioError
 from .text import ClapTextTower, read_clap_dict, text_config
 from .tokenizer import TEXT_MAX_LENGTH, load_tokenizer, tokenize  # noqa: F401  (public here too)
 
