@@ -39,15 +39,18 @@ class Query:
 
 def build_queries(model: PSM, texts: Sequence[str] = (), audio: Sequence[str | Path] = (),
                   tokenizer=None, combine: bool = False, seed: int = 0,
-                  max_audio_seconds: float | None = None) -> list[Query]:
+                  max_audio_seconds: float | None = None, text_cache=None) -> list[Query]:
     """Embed text and audio queries. ``combine``: every text with every audio file as one
     query (PSM_SPEC.md section 4), instead of separate queries. An audio file longer than
-    ``max_audio_seconds`` (None: ``MAX_AUDIO_SECONDS``, 60 s) is refused before it is decoded."""
+    ``max_audio_seconds`` (None: ``MAX_AUDIO_SECONDS``, 60 s) is refused before it is decoded.
+    ``text_cache``: a :class:`~psm_mapping.textcache.TextCache` (texts found there need no text tower)."""
     texts, audio = list(texts or []), list(audio or [])
     if not texts and not audio:
         raise InputError("no query given: pass --query TEXT and/or --audio FILE")
     out: list[Query] = []
-    t_emb = model.embed_text_queries(texts, tokenizer=tokenizer) if texts else None
+    from .textcache import embed_texts
+
+    t_emb = embed_texts(model, texts, tokenizer, cache=text_cache) if texts else None
     a_emb = model.embed_audio_files(audio, seed=seed, max_seconds=max_audio_seconds) if audio else None
     if combine and texts and audio:
         for i, t in enumerate(texts):

@@ -451,7 +451,8 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
         from .cube import check_cube_run
 
         check_cube_run(cfg, model.config, md, zooms=len(store.spec.zoom_levels))
-    queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
+    queries = session.queries(cfg.queries, cfg.audio, combine=cfg.combine,
+                              storage_options=cfg.store_options or None)
     t1 = time.perf_counter()
     if cfg.is_cube:
         from .cube import cube_maps

@@ -126,12 +126,18 @@ class Session:
     def zoom_levels(self) -> tuple[int, ...]:
         return tuple(int(z) for z in self.store.spec.zoom_levels)
 
-    def queries(self, texts: Sequence[str] = (), audio: Sequence = (), combine: bool = False, seed: int = 0):
+    def queries(self, texts: Sequence[str] = (), audio: Sequence = (), combine: bool = False, seed: int = 0,
+                max_audio_seconds: float | None = None, storage_options: dict | None = None):
         """Embed text and audio queries (:func:`psm_mapping.query.build_queries`) with the store's
-        tokenizer."""
+        tokenizer; text embeddings are cached in the store (:mod:`psm_mapping.textcache`), so a
+        repeated text builds no text tower."""
         from .query import build_queries
+        from .textcache import text_cache_for
 
-        return build_queries(self.model, texts, audio, tokenizer=self.tokenizer, combine=combine, seed=seed)
+        cache = text_cache_for(self.store.url, self.model, self.checkpoint_sha256, self.tokenizer,
+                               storage_options) if texts else None
+        return build_queries(self.model, texts, audio, tokenizer=self.tokenizer, combine=combine, seed=seed,
+                             max_audio_seconds=max_audio_seconds, text_cache=cache)
 
     def query_matrix(self, queries):
         """The kernel's :class:`~psm_mapping.engine.QueryMatrix` of ``queries`` (cosine when the

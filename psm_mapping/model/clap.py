@@ -1,27 +1,25 @@
-"""CLAP audio / text encoders (Hugging Face ``transformers``), the tokenizer and audio features.
+"""CLAP towers: the audio tower (Hugging Face ``transformers``), the text tower (plain torch,
+:mod:`.text`), the PSM heads over them, the tokenizer (:mod:`.tokenizer`) and audio features.
 
 The architecture is ``laion/clap-htsat-fused``: ``ClapConfig()`` with
 ``audio_config.enable_fusion = True``. It is built from the config, never downloaded: the PSM
-checkpoint holds the fine-tuned weights.
+checkpoint holds the fine-tuned weights. Only the audio path imports ``transformers``.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, TokenizerError
 from .audio import MAX_AUDIO_SECONDS, load_audio  # noqa: F401 (the bounded decoder, re-exported)
+from .text import ClapTextTower, read_clap_dict, text_config
+from .tokenizer import TEXT_MAX_LENGTH, load_tokenizer, tokenize  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
 
-TEXT_MAX_LENGTH = 128
 AUDIO_SAMPLE_RATE = 48000
 #: the preprocessor of laion/clap-htsat-fused
 CLAP_FEATURE_KWARGS: dict[str, Any] = dict(
@@ -44,51 +42,47 @@ def resolve_clap_config(clap_config=None):
     """``None`` (laion/clap-htsat-fused), a ``ClapConfig``, a dict or a path to a JSON file."""
     from transformers import ClapConfig
 
-    if clap_config is None:
-        return default_clap_config()
     if isinstance(clap_config, ClapConfig):
         return clap_config
-    if isinstance(clap_config, (str, os.PathLike)):
-        path = Path(clap_config)
-        if not path.is_file():
-            raise InputError(f"CLAP config {path} not found: pass the JSON file written with the "
-                             "checkpoint (ClapConfig.to_json_file) or omit it for laion/clap-htsat-fused")
-        try:
-            clap_config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"CLAP config {path} is not valid JSON ({exc}): fix or regenerate it") from None
-    if isinstance(clap_config, dict):
-        return ClapConfig.from_dict(clap_config)
-    raise InputError(f"clap_config of type {type(clap_config).__name__} is not supported: pass "
-                     "None, a transformers.ClapConfig, a dict or a JSON path")
+    d = read_clap_dict(clap_config)
+    return default_clap_config() if d is None else ClapConfig.from_dict(d)
 
 
-class _HFWrap(nn.Module):
-    """Holds the HF model as ``.model`` so state_dict keys read ``model.model.*`` as the authors'."""
+class _Wrap(nn.Module):
+    """Holds a tower as ``.model`` so state_dict keys read ``model.model.*`` as the authors'."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
 
+def audio_tower(clap_config) -> tuple[nn.Module, int]:
+    """``ClapAudioModelWithProjection`` (transformers) and its output width."""
+    from transformers import ClapAudioModelWithProjection
+
+    cfg = resolve_clap_config(clap_config)
+    return ClapAudioModelWithProjection(cfg.audio_config), cfg.audio_config.projection_dim
+
+
+def text_tower(clap_config) -> tuple[nn.Module, int]:
+    """:class:`~.text.ClapTextTower` (plain torch) and its output width; no transformers import."""
+    tower = ClapTextTower(text_config(clap_config))
+    return tower, tower.out_dim
+
+
 class ClapBranch(nn.Module):
-    """A CLAP tower + PSM heads: ``mean_head``/``std_head`` (pcmepp) or ``head`` (infonce)."""
+    """A CLAP tower + PSM heads: ``mean_head``/``std_head`` (pcmepp) or ``head`` (infonce).
+
+    ``clap_config``: anything :func:`~.text.read_clap_dict` takes, or a ``ClapConfig``."""
 
     def __init__(self, kind: str, clap_config, probabilistic: bool, fc_dim: int = 512):
         super().__init__()
-        from transformers import ClapAudioModelWithProjection, ClapTextModelWithProjection
-
         from .heads import Projector
 
         self.kind = kind
-        if kind == "audio":
-            hf = ClapAudioModelWithProjection(clap_config.audio_config)
-            feat = clap_config.audio_config.projection_dim
-        else:
-            hf = ClapTextModelWithProjection(clap_config.text_config)
-            feat = clap_config.text_config.projection_dim
-        hf.eval()
-        self.model = _HFWrap(hf)
+        tower, feat = audio_tower(clap_config) if kind == "audio" else text_tower(clap_config)
+        tower.eval()
+        self.model = _Wrap(tower)
         self.probabilistic = probabilistic
         if probabilistic:
             self.mean_head = Projector(feat, fc_dim)
@@ -99,8 +93,9 @@ class ClapBranch(nn.Module):
             self.head = Projector(feat, fc_dim)
 
     def features(self, **inputs) -> torch.Tensor:
-        out = self.model.model(**inputs)
-        return out.audio_embeds if self.kind == "audio" else out.text_embeds
+        if self.kind == "audio":
+            return self.model.model(**inputs).audio_embeds
+        return self.model.model(inputs["input_ids"], inputs.get("attention_mask"))
 
     def forward(self, **inputs):
         from .heads import ProbEmbedding
@@ -111,56 +106,6 @@ class ClapBranch(nn.Module):
         return ProbEmbedding.from_heads(self.head(x), None)
 
 
-# ---------------------------------------------------------------------------- tokenizer
-def load_tokenizer(path: str | os.PathLike | None = None):
-    """A RoBERTa tokenizer from a local folder, or ``roberta-base`` from the Hugging Face cache.
-
-    Offline mode (``HF_HUB_OFFLINE=1``) is honoured: then only the cache is looked at.
-    """
-    from transformers import AutoTokenizer
-
-    if path is not None:
-        p = Path(path)
-        if not p.is_dir():
-            raise TokenizerError(f"tokenizer folder {p} not found: pass --tokenizer DIR with a RoBERTa "
-                                 "tokenizer (e.g. `hf download roberta-base --local-dir DIR`)")
-        try:
-            return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except Exception as exc:  # transformers raises many kinds
-            raise TokenizerError(f"cannot load a tokenizer from {p} ({type(exc).__name__}): the folder "
-                                 "needs tokenizer.json or vocab.json + merges.txt of roberta-base") from None
-    from ..offline import is_offline, reachable
-
-    try:
-        return AutoTokenizer.from_pretrained("roberta-base", local_files_only=True)
-    except Exception:
-        if is_offline():
-            raise TokenizerError("roberta-base is not in the Hugging Face cache and offline mode is on: "
-                                 "pass --tokenizer DIR, or fill the cache once online "
-                                 "(`hf download roberta-base`)", option="tokenizer") from None
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if not reachable(endpoint):  # at once, not after the hub client's retries
-        raise TokenizerError(f"roberta-base is not in the Hugging Face cache and {endpoint} cannot be reached: "
-                             "pass --tokenizer DIR, or fill the cache once online (`hf download roberta-base`)",
-                             option="tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained("roberta-base")
-    except Exception as exc:
-        raise TokenizerError(f"cannot get the roberta-base tokenizer ({type(exc).__name__}): pass "
-                             "--tokenizer DIR with a local copy, or fill the Hugging Face cache "
-                             "online (`hf download roberta-base`)") from None
-
-
-def tokenize(texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:
-    """``input_ids`` / ``attention_mask`` as the reference: max_length 128, padded, truncated."""
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-        raise InputError("a text query is empty: give words, e.g. --query 'birds chirping'")
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH,
-                    return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def audio_features(waveforms: Sequence[np.ndarray], seed: int = 0,

@@ -7,10 +7,17 @@ from torch import nn
 from ..constants import AUDIO_SOURCES, CAPTION_SOURCES, METADATA_ITEMS
 
 
+def standard_normal(*shape: int) -> torch.Tensor:
+    """``torch.randn(*shape)`` (the same draws), except on the meta device, where there is
+    nothing to draw: drawing there sets up torch's symbolic machinery, seconds of start-up."""
+    w = torch.empty(*shape)
+    return w if w.is_meta else w.normal_()
+
+
 class SourceEncoding(nn.Module):
     def __init__(self, n: int, dim: int):
         super().__init__()
-        self.source_embed = nn.Embedding(n, dim)
+        self.source_embed = nn.Embedding(n, dim, _weight=standard_normal(n, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.source_embed(x)
@@ -79,7 +86,7 @@ class MetaFuser(nn.Module):
                                            activation="gelu")
         self.transformer_encoder = nn.TransformerEncoder(layer, num_layers=num_layers,
                                                          enable_nested_tensor=False)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.cls_token = nn.Parameter(standard_normal(1, 1, dim))
         self.meta_embed = MetaEmbed(metadata_items(metadata_type), dim)
 
     def forward(self, z: torch.Tensor, inputs: dict | None) -> torch.Tensor:

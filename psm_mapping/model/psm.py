@@ -4,108 +4,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..constants import GSD, SAT_TYPES
+from ..constants import GSD
 from ..errors import CheckpointError, InputError
 from .checkpoint import RawCheckpoint, check_keys, read_checkpoint, save_safetensors, to_jsonable
-from .clap import ClapBranch, audio_features, load_audio, load_tokenizer, resolve_clap_config, tokenize
-from .fusion import MetaFuser, metadata_items
+from .clap import ClapBranch, audio_features, load_audio, resolve_clap_config
+from .config import PSMConfig
+from .fusion import MetaFuser
 from .heads import ProbEmbedding, Projector
 from .metadata import Metadata
+from .text import read_clap_dict
+from .tokenizer import load_tokenizer, tokenize
 from .vit import SatViT
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PSMConfig:
-    """What the model looks like; read from a checkpoint's hyper_parameters and weights."""
-
-    sat_type: str = "sentinel"
-    metadata_type: str = "none"
-    probabilistic: bool = True
-    fc_dim: int = 512
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    patch_size: int = 16
-    img_size: int = 224
-    fuser_layers: int = 3
-    fuser_heads: int = 8
-    text: bool = True
-    audio: bool = True
-
-    def __post_init__(self):
-        if self.sat_type not in SAT_TYPES:
-            raise CheckpointError(f"unknown sat_type {self.sat_type!r}: expected one of {', '.join(SAT_TYPES)}")
-
-    @property
-    def loss_type(self) -> str:
-        return "pcmepp" if self.probabilistic else "infonce"
-
-    @property
-    def uses_metadata(self) -> bool:
-        return bool(metadata_items(self.metadata_type))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PSMConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def infer(cls, state_dict: dict[str, torch.Tensor], hp: dict[str, Any]) -> "PSMConfig":
-        """From weights (depth, widths, heads present) and hyper_parameters (sat/metadata type)."""
-        pre = "sat_encoder.encoder."
-        try:
-            pw = state_dict[pre + "backbone.patch_embed.proj.weight"]
-            fc1 = state_dict[pre + "backbone.blocks.0.mlp.fc1.weight"]
-            proj = state_dict[pre + "projector.linear2.weight"]
-        except KeyError as exc:
-            raise CheckpointError(f"checkpoint lacks {exc.args[0]}: it is not a PSM SatMAE checkpoint; "
-                                  "use one of the official experiments (`psm-map weights`)") from None
-        depth = _count_indexed(state_dict, pre + "backbone.blocks.")
-        prob_keys = pre + "mean_head.linear1.weight" in state_dict
-        probabilistic = bool(hp["probabilistic"]) if "probabilistic" in hp else prob_keys
-        if hp.get("loss_type") in ("pcmepp", "infonce"):
-            probabilistic = hp["loss_type"] == "pcmepp"
-        if probabilistic != prob_keys:
-            raise CheckpointError("checkpoint hyper_parameters and weights disagree on the loss type "
-                                  f"(loss_type={hp.get('loss_type')!r}, mean_head present: {prob_keys}): "
-                                  "the file is inconsistent; re-export it")
-        has_fuser = any(k.startswith(pre + "meta_fuser.") for k in state_dict)
-        mt = hp.get("metadata_type")
-        if mt is None:
-            items = [i for i, m in (("latlong", "location_fc"), ("month", "month_fc"), ("time", "time_fc"),
-                                    ("asource", "audio_source_fc"), ("tsource", "caption_source_fc"))
-                     if any(f"meta_embed.{m}." in k for k in state_dict)]
-            mt = "_".join(items) if items else "none"
-        if bool(metadata_items(mt)) != has_fuser:
-            raise CheckpointError(f"metadata_type {mt!r} does not match the weights (fusion weights "
-                                  f"present: {has_fuser}): the file is inconsistent; re-export it")
-        fuser_layers = 3
-        if has_fuser:
-            fuser_layers = _count_indexed(state_dict, pre + "meta_fuser.transformer_encoder.layers.")
-        embed_dim = pw.shape[0]
-        modality = str(hp.get("modality_type", ""))
-        text = any(k.startswith("text_encoder.") for k in state_dict)
-        if modality and ("text" in modality) != text:
-            log.warning("modality_type %r and weights disagree on the text encoder", modality)
-        sat_type = hp.get("sat_type", "sentinel")
-        return cls(
-            sat_type=sat_type, metadata_type=mt, probabilistic=probabilistic,
-            fc_dim=proj.shape[0], embed_dim=embed_dim, depth=depth,
-            num_heads=int(hp.get("num_heads", max(1, embed_dim // 64))),
-            mlp_ratio=fc1.shape[0] / embed_dim, patch_size=pw.shape[-1],
-            img_size=int(hp.get("sat_input_size", 224)), fuser_layers=fuser_layers,
-            text=text, audio=any(k.startswith("audio_encoder.") for k in state_dict),
-        )
+#: held while a deferred text tower is built (PSM._load_deferred_text)
+_DEFERRED_BUILD = threading.RLock()
 
 
 #: the towers a model can be built with (:meth:`PSM.from_checkpoint` ``encoders``)
@@ -177,30 +98,59 @@ class PSM(nn.Module):
                  encoders: Sequence[str] = ENCODERS):
         super().__init__()
         self.config = config
-        self.clap_config = resolve_clap_config(clap_config)
+        # the text tower reads the config as a plain dict; transformers' ClapConfig is resolved
+        # only for the audio tower or when asked for (:attr:`clap_config`)
+        self._clap_source = read_clap_dict(clap_config)
+        self._clap_resolved = clap_config if type(clap_config).__name__ == "ClapConfig" else None
         self.compute_dtype = dtype
         self.encoders = _check_encoders(encoders)
         self.sat_encoder = SatEncoder(config, backbone="image" in self.encoders)
         if config.audio and "audio" in self.encoders:
             self.audio_encoder = ClapBranch("audio", self.clap_config, config.probabilistic, config.fc_dim)
         if config.text and "text" in self.encoders:
-            self.text_encoder = ClapBranch("text", self.clap_config, config.probabilistic, config.fc_dim)
+            self.text_encoder = ClapBranch("text", self._clap_source, config.probabilistic, config.fc_dim)
         self.source: dict[str, Any] = {}
+        #: the text tower's weights while it waits for its first use (:meth:`from_checkpoint` ``defer_text``)
+        self._deferred_text: dict[str, torch.Tensor] | None = None
         self.eval()
+
+    @property
+    def text_config(self):
+        """The text tower's :class:`~.text.TextConfig` (no transformers import)."""
+        from .text import text_config
+
+        return text_config(self._clap_source)
+
+    @property
+    def clap_config(self):
+        """The CLAP config as a ``transformers.ClapConfig`` (imports transformers on first use)."""
+        if self._clap_resolved is None:
+            self._clap_resolved = resolve_clap_config(self._clap_source)
+        return self._clap_resolved
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, clap_config=None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32, encoders: Sequence[str] = ENCODERS) -> "PSM":
+                        dtype: torch.dtype | str = torch.float32, encoders: Sequence[str] = ENCODERS,
+                        defer_text: bool | None = None) -> "PSM":
         """Load an official Lightning ``.ckpt`` or a safetensors export, strictly and safely.
 
         ``encoders``: the towers to build and load, of ``image`` (the ViT backbone), ``text`` and
         ``audio``; a query of a store needs no ``image`` (it fuses the stored ``z_img``), a text
-        query no ``audio``. The fusion and heads are always loaded."""
+        query no ``audio``. The fusion and heads are always loaded.
+
+        ``defer_text``: check the text tower's keys now but build it on its first use (a text
+        query, :meth:`state_dict`), so that queries answered from a text-embedding cache never
+        build it. Default: when ``image`` is not among ``encoders`` (a model for answering)."""
         raw = read_checkpoint(path)
         model = meta_model(raw, clap_config, dtype=_as_dtype(dtype), encoders=encoders)
+        if defer_text is None:
+            defer_text = "image" not in model.encoders
         expected = model.state_dict()
         sd = {k: v for k, v in raw.state_dict.items() if k in expected}
+        if defer_text and hasattr(model, "text_encoder"):
+            del model.text_encoder  # keys checked by meta_model; built by _load_deferred_text
+            model._deferred_text = {k: sd.pop(k) for k in list(sd) if k.startswith("text_encoder.")}
         model.load_state_dict(sd, strict=False, assign=True)
         model._materialise_missing_buffers()
         model.source = {"path": str(Path(path).resolve()), "format": raw.format,
@@ -208,10 +158,41 @@ class PSM(nn.Module):
         # compute in float32 whatever the storage dtype (official weights can be float16)
         return model.to(device=device, dtype=torch.float32).eval()
 
+    def _load_deferred_text(self) -> None:
+        """Build the text tower held back by :meth:`from_checkpoint` (``defer_text``)."""
+        if self._deferred_text is None:
+            return
+        with _DEFERRED_BUILD:  # the explorer may ask from several threads at once: one builds it
+            weights = self._deferred_text
+            if weights is None:
+                return
+            log.info("building the text tower")
+            with torch.device("meta"):
+                branch = ClapBranch("text", self._clap_source, self.config.probabilistic, self.config.fc_dim)
+            branch.load_state_dict({k[len("text_encoder."):]: v for k, v in weights.items()}, strict=False,
+                                   assign=True)
+            self.text_encoder = branch
+            self._materialise_missing_buffers()
+            branch.to(device=self.device, dtype=torch.float32).train(self.training)
+            self._deferred_text = None
+
+    # a deferred tower is part of the model's weights: whoever lists them gets it built
+    def state_dict(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):
+        self._load_deferred_text()
+        return super().named_buffers(*args, **kwargs)
+
     def _materialise_missing_buffers(self) -> None:
         """Index buffers absent from the file are rebuilt from a fresh module (they are constants)."""
         for mname, module in self.named_modules():
-            for bname, buf in list(module.named_buffers(recurse=False)):
+            for bname, buf in list(nn.Module.named_buffers(module, recurse=False)):
                 if buf is not None and buf.is_meta:
                     fresh = _fresh_buffer(self, mname, bname)
                     module.register_buffer(bname, fresh, persistent=bname in module.state_dict())
@@ -225,7 +206,7 @@ class PSM(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.sat_encoder.encoder.projector.linear1.weight.device  # lists no (deferred) tower
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -279,6 +260,8 @@ class PSM(nn.Module):
 
     # ------------------------------------------------------------------ text / audio
     def _branch(self, name: str) -> ClapBranch:
+        if name == "text_encoder":
+            self._load_deferred_text()
         if not hasattr(self, name):
             kind = name.split("_")[0]
             if getattr(self.config, kind, False):
@@ -347,31 +330,12 @@ def meta_model(raw: RawCheckpoint, clap_config=None, dtype: torch.dtype = torch.
         cfg = PSMConfig.infer(raw.state_dict, raw.hyper_parameters)
     if clap_config is None:
         clap_config = raw.clap_config or raw.hyper_parameters.get("clap_config")
-    with torch.device("meta"), _skip_normal_init():
+    with torch.device("meta"):  # no memory, no values drawn (the modules skip init on meta)
         model = PSM(cfg, clap_config, dtype=dtype, encoders=encoders)
     left_out = tuple(p for e, p in _ENCODER_KEYS.items() if e not in model.encoders)
     found = {k: v for k, v in raw.state_dict.items() if not k.startswith(left_out)} if left_out else raw.state_dict
     check_keys(model.state_dict(), found, Path(raw.path).name if raw.path else "checkpoint")
     return model
-
-
-@contextlib.contextmanager
-def _skip_normal_init():
-    """While a model is built on the meta device: ``nn.init.normal_`` does nothing (a meta tensor
-    holds no values, so skipping it changes nothing), because the first ``normal_`` on meta sets
-    up Python decompositions that cost ~2 s, the largest part of a query's start-up."""
-    saved = nn.init.normal_
-    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        yield
-    finally:
-        nn.init.normal_ = saved
-
-
-def _count_indexed(state_dict: dict, prefix: str) -> int:
-    """Number of ``prefix.N.*`` submodules (e.g. transformer blocks)."""
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
 
 
 def _float(e: ProbEmbedding) -> ProbEmbedding:

@@ -50,8 +50,6 @@ def _valid_geometry(valid: np.ndarray, transform, crs) -> dict | None:
 
 
 def _stats(arrays: list) -> list[dict]:
-    import dask
-
     def one(a):
         f = a[np.isfinite(a)]
         return (a.size, f.size, f.min() if f.size else np.nan, f.max() if f.size else np.nan,
@@ -59,6 +57,7 @@ def _stats(arrays: list) -> list[dict]:
 
     lazy = [a for a in arrays if hasattr(a, "dask")]
     if lazy:  # one pass over the cluster's chunks
+        import dask
         import dask.array as da
 
         parts = [(a.size, da.isfinite(a).sum(), da.nanmin(a), da.nanmax(a), da.nanmean(a.astype(np.float64)),

@@ -36,11 +36,23 @@ def default_preview_dir(out: str | os.PathLike) -> Path:
 
 def coarse(arrays: list, transform, max_px: int):
     """NaN-aware block means so the longer side is at most ``max_px``: (NumPy arrays, transform)."""
-    import dask.array as da
     from affine import Affine
 
     h, w = arrays[0].shape
     f = max(1, math.ceil(max(h, w) / max_px))
+    if not any(hasattr(a, "dask") for a in arrays):  # NumPy bands: no dask import (a query's start-up)
+        if f == 1:
+            return [np.asarray(a) for a in arrays], transform
+        out = []
+        for a in arrays:
+            a = np.asarray(a)[:h // f * f, :w // f * f]
+            ok = np.isfinite(a)
+            s = np.where(ok, a, 0.0).reshape(h // f, f, w // f, f).sum(axis=(1, 3))
+            n = ok.astype(np.float32).reshape(h // f, f, w // f, f).sum(axis=(1, 3))
+            out.append(np.where(n > 0, s / np.maximum(n, 1), np.nan).astype(np.float32))
+        return out, transform * Affine.scale(f)
+    import dask.array as da
+
     if f == 1:
         return [np.asarray(a) for a in da.compute(*arrays)], transform
     out = []
