@@ -122,6 +122,8 @@ class _TileHandler(_QuietHandler):
             nth = srv.hits[(z, x, y)]
             srv.tile_requests += 1
             dying = srv.die_after is not None and srv.tile_requests > srv.die_after
+            if dying and srv.killed_at is None:
+                srv.killed_at = time.monotonic()
         if dying:  # the kill switch: no answer, and the server goes away
             threading.Thread(target=srv.stop, daemon=True).start()
             self.close_connection = True
@@ -156,7 +158,8 @@ class TileServer(LocalServer):
     ``Retry-After: 1`` on the first request), ``"429"`` (always, ``Retry-After: 0``),
     ``"corrupt"``, ``"truncated"`` (half of the real PNG) or ``"delay"`` (``delay_s`` late);
     ``fault_rule(z, x, y)`` gives the fault of tiles not in ``faults`` (deterministic per tile).
-    ``die_after``: the kill switch, the server stops after that many tile requests. Clear
+    ``die_after``: the kill switch, the server stops after that many tile requests (its
+    ``time.monotonic()`` in ``killed_at``). Clear
     ``faults`` and ``fault_rule`` to heal it."""
 
     def __init__(self, render: Callable[[int, int, int], bytes | None],
@@ -167,6 +170,7 @@ class TileServer(LocalServer):
         self.faults = dict(faults or {})
         self.fault_rule, self.die_after, self.delay_s = fault_rule, die_after, delay_s
         self.tile_requests = 0
+        self.killed_at: float | None = None
         self.hits: Counter = Counter()
         self.times: defaultdict = defaultdict(list)
         self.subdomains_seen: Counter = Counter()
