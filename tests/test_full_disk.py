@@ -98,3 +98,37 @@ def test_store_on_a_full_disk_is_one_line(inp, disk, tmp_path):
     line = assert_one_line(p, str(disk / "store"), "--store", "rerun")
     print("store ->", line)
     assert not (tmp_path / "m.tif").exists()
+
+
+_TABLE = """
+import sys
+from psm_mapping.errors import PSMError
+from psm_mapping.cli.base import error_line
+from psm_mapping.gdal_log import route_gdal_messages
+import geopandas as gpd, numpy as np
+from psm_mapping.places.tables import write_table
+route_gdal_messages()  # as the CLI does
+n = 4000
+rng = np.random.default_rng(0)
+frame = gpd.GeoDataFrame({"v": rng.normal(size=n)}, crs=4326,
+                         geometry=gpd.points_from_xy(rng.uniform(-10, 10, n), rng.uniform(40, 50, n)))
+try:
+    write_table(frame, sys.argv[1], {"run": 1})
+except PSMError as exc:
+    print(error_line(exc), file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("suffix", ["csv", "gpkg", "geojson"])
+def test_full_disk_under_the_table_writer_is_one_line(disk, tmp_path, suffix):
+    """`psm-map points` / `zonal` tables (pandas CSV, GDAL's GeoPackage and GeoJSON via pyogrio)."""
+    fill(disk, 0)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("CPL_LOG", None)
+    out = disk / f"sites.{suffix}"
+    p = subprocess.run([sys.executable, "-c", _TABLE, str(out)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert_one_line(p, f"cannot write table {out}:", f"in {disk}:", "--out")
+    assert sorted(os.listdir(disk)) == ["filler"]

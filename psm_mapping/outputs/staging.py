@@ -211,7 +211,8 @@ def write_error(exc: BaseException, where: str, folder: Path | None = None,
     say why (libtiff prints ENOSPC to stderr and GDAL removes the partial file), so a disk with
     less free space than ``need_bytes`` (the uncompressed size of the output) counts as full."""
     text = " ".join(str(exc).split())
-    gdal = type(exc).__name__.startswith("CPLE_")  # rasterio: .errno is GDAL's error class
+    # GDAL's errors through rasterio (CPLE_*: .errno is GDAL's error class) or pyogrio
+    gdal = type(exc).__name__.startswith("CPLE_") or type(exc).__module__.startswith("pyogrio")
     code = None if gdal else getattr(exc, "errno", None)
     low = text.lower()
     if code in _SPACE or "no space left" in low or "disk space" in low or "disk full" in low or (
