@@ -78,6 +78,11 @@ class ImageryError(PSMError):
     """An imagery source is unreadable, unreachable or does not cover the region."""
 
 
+class ServerDeadError(ImageryError):
+    """An imagery server stopped answering during a run (every request of a time window got
+    no answer): the run stops; what it finished stays in the store and a rerun resumes."""
+
+
 class RegionError(InputError):
     """A region file or bbox is empty, invalid or not a vector dataset."""
 

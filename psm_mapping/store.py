@@ -117,6 +117,11 @@ class BlockEmbeddings:
         return 0 if self.status is None else int((self.status == FAULT).sum())
 
 
+#: OSError numbers of a write the file system refuses (full, over quota, not allowed)
+_WRITE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EACCES,
+                 errno.EPERM, errno.EROFS)
+
+
 def _open_group(url: str, mode: str, storage_options: dict | None = None):
     import zarr
 
@@ -125,6 +130,11 @@ def _open_group(url: str, mode: str, storage_options: dict | None = None):
     except (FileNotFoundError, KeyError) as exc:
         raise StoreError(f"no embedding store at {url} ({exc}): give the path of a store a "
                          "previous run wrote (see `psm-map info`)") from None
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:  # a full disk, a refused write: not corruption
+            raise _os_error(exc, url, "write the embedding store") from None
+        raise StoreError(f"cannot open the store {url} ({type(exc).__name__}: {exc}): "
+                         "remove it and rerun to rebuild it") from None
     except Exception as exc:  # zarr raises various errors on corrupt metadata
         raise StoreError(f"cannot open the store {url} ({type(exc).__name__}: {exc}): "
                          "remove it and rerun to rebuild it") from None
@@ -487,7 +497,7 @@ def create_by_rename(path: Path, build, what: str) -> bool:
 def _os_error(exc: OSError, url: str, what: str) -> StoreError:
     """One line for a failed store write: what, where, how to fix."""
     where = getattr(exc, "filename", None) or url
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
         fix = "free some space or pass --store on another disk"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "pass --store in a folder you can write"

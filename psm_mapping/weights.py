@@ -1,8 +1,10 @@
 """The 12 official PSM experiments: list, find, download, verify, load.
 
-Downloads come from the authors' Google Drive folder (needs ``gdown``: ``pip install
-psm-mapping[download]``) or, when ``$PSM_WEIGHTS_URL`` is set, from that HTTP mirror of the folder
-(``<url>/<wandb id>/<file name>``, e.g. an institute's copy). Files land in the cache folder
+Downloads come from the authors' Google Drive folder (with httpx, from the base install:
+:mod:`psm_mapping.drive` lists the folder and confirms Drive's "download anyway" page) or, when
+``$PSM_WEIGHTS_URL`` is set, from that HTTP mirror of the folder (``<url>/<wandb id>/<file
+name>``, e.g. an institute's copy). Both stream to ``NAME.ckpt.part`` with a progress bar and
+resume it on the next try (HTTP Range); a download that ends short is an error. Files land in the cache folder
 (``$PSM_CACHE`` or ``~/.cache/psm-mapping``) under ``checkpoints/NAME.ckpt``, are checked against
 the key contract (:func:`verify`) before they get that name, and a map run with no checkpoint
 fetches the official one for its imagery's sat type on first use. Offline
@@ -116,64 +118,59 @@ def download(name: str, dest_dir: Path | None = None, quiet: bool = False, url: 
     return out
 
 
-def _download_http(url: str, part: Path, name: str, quiet: bool) -> None:
-    """GET ``url`` into ``part`` with a progress bar, resuming a partial file (HTTP Range)."""
+def _client():
     import httpx
-    from tqdm.auto import tqdm
 
+    from .imagery.http import DEFAULT_USER_AGENT
+
+    return httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0, connect=15.0),
+                        headers={"User-Agent": DEFAULT_USER_AGENT})
+
+
+def _download_http(url: str, part: Path, name: str, quiet: bool) -> None:
+    """GET ``url`` (a plain mirror) into ``part`` with a progress bar, resuming a partial file."""
+    import httpx
+
+    from .drive import stream_to
     from .offline import reachable
 
     if not reachable(url):
         raise CheckpointError(f"cannot reach {url.split('/')[2]} for {name} (no network?): pass --checkpoint "
                               "PATH, or download it with `psm-map weights download` once online",
                               option="checkpoint")
-    have = part.stat().st_size if part.is_file() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
     try:
-        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
-            if r.status_code == 416:  # already complete
-                return
-            if r.status_code not in (200, 206):
-                raise CheckpointError(f"download of {name} from {url} failed (HTTP {r.status_code}): check "
-                                      "PSM_WEIGHTS_URL or pass --checkpoint PATH", option="checkpoint")
-            if r.status_code == 200:
-                have = 0
-            total = int(r.headers.get("Content-Length", 0)) + have or None
-            with open(part, "ab" if have else "wb") as fh, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=f"downloading {name}", disable=quiet) as bar:
-                for chunk in r.iter_bytes(1 << 20):
-                    fh.write(chunk)
-                    bar.update(len(chunk))
+        with _client() as client:
+            stream_to(client, url, None, part, name, quiet)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc.cli_message}: rerun to resume, check PSM_WEIGHTS_URL or pass "
+                              "--checkpoint PATH", option="checkpoint") from None
     except httpx.HTTPError as exc:
         raise CheckpointError(f"download of {name} from {url} failed ({type(exc).__name__}): rerun to "
                               "resume, or pass --checkpoint PATH", option="checkpoint") from None
 
 
 def _download_drive(e: Experiment, part: Path, quiet: bool) -> None:
-    try:
-        import gdown
-    except ImportError:
-        raise InputError("downloading needs gdown: `pip install 'psm-mapping[download]'`") from None
+    """The authors' Google Drive folder with httpx (:mod:`psm_mapping.drive`): find the file,
+    confirm past the "can't scan for viruses" page, stream it resumably."""
+    import httpx
+
+    from .drive import download_file, drive_base, find_file
     from .offline import reachable
 
-    if getattr(gdown, "__file__", None) and not reachable("https://drive.google.com"):
+    if not reachable(drive_base()):
         raise CheckpointError(f"cannot reach Google Drive for {e.name} (no network?): pass --checkpoint PATH, "
                               f"or download {e.drive_path} from {DRIVE_URL} once online", option="checkpoint")
     try:
-        listing = gdown.download_folder(id=DRIVE_FOLDER_ID, skip_download=True, quiet=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot list the authors' Google Drive folder ({type(exc).__name__}): "
-                              f"check the network, or download {e.drive_path} by hand from {DRIVE_URL} "
-                              "and pass --checkpoint") from None
-    match = [f for f in listing or [] if str(getattr(f, "path", "")).replace("\\", "/").endswith(e.drive_path)]
-    if not match:
-        raise CheckpointError(f"{e.drive_path} is not in the Drive folder listing: download it by hand "
-                              f"from {DRIVE_URL}")
-    try:
-        gdown.download(id=match[0].id, output=str(part), quiet=quiet, resume=True)
-    except Exception as exc:
-        raise CheckpointError(f"download of {e.name} failed ({type(exc).__name__}): rerun to resume") from None
+        with _client() as client:
+            fid = find_file(client, DRIVE_FOLDER_ID, e.drive_path)
+            download_file(client, fid, part, e.name, quiet)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc.cli_message}: rerun to resume, or download {e.drive_path} by hand "
+                              f"from {DRIVE_URL} and pass --checkpoint PATH", option="checkpoint") from None
+    except httpx.HTTPError as exc:
+        raise CheckpointError(f"download of {e.name} from Google Drive failed ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}): rerun to resume, or download {e.drive_path} "
+                              f"by hand from {DRIVE_URL} and pass --checkpoint PATH", option="checkpoint") from None
 
 
 def resolve_checkpoint(path: str | None, sat_type: str = "sentinel", download_missing: bool = True,

@@ -122,6 +122,8 @@ class _TileHandler(_QuietHandler):
             nth = srv.hits[(z, x, y)]
             srv.tile_requests += 1
             dying = srv.die_after is not None and srv.tile_requests > srv.die_after
+            if dying and srv.killed_at is None:
+                srv.killed_at = time.monotonic()
         if dying:  # the kill switch: no answer, and the server goes away
             threading.Thread(target=srv.stop, daemon=True).start()
             self.close_connection = True
@@ -156,7 +158,8 @@ class TileServer(LocalServer):
     ``Retry-After: 1`` on the first request), ``"429"`` (always, ``Retry-After: 0``),
     ``"corrupt"``, ``"truncated"`` (half of the real PNG) or ``"delay"`` (``delay_s`` late);
     ``fault_rule(z, x, y)`` gives the fault of tiles not in ``faults`` (deterministic per tile).
-    ``die_after``: the kill switch, the server stops after that many tile requests. Clear
+    ``die_after``: the kill switch, the server stops after that many tile requests (its
+    ``time.monotonic()`` in ``killed_at``). Clear
     ``faults`` and ``fault_rule`` to heal it."""
 
     def __init__(self, render: Callable[[int, int, int], bytes | None],
@@ -167,6 +170,7 @@ class TileServer(LocalServer):
         self.faults = dict(faults or {})
         self.fault_rule, self.die_after, self.delay_s = fault_rule, die_after, delay_s
         self.tile_requests = 0
+        self.killed_at: float | None = None
         self.hits: Counter = Counter()
         self.times: defaultdict = defaultdict(list)
         self.subdomains_seen: Counter = Counter()
@@ -398,3 +402,97 @@ class StacApiServer(LocalServer):
                 continue
             out.append(item)
         return out[: int(body.get("limit") or 1000)]
+
+
+# -- a Google Drive stand-in ----------------------------------------------------------------------
+class _DriveHandler(_QuietHandler):
+    server_ref: "DriveServer"
+
+    def do_GET(self):
+        from urllib.parse import parse_qs, urlsplit
+        import json
+
+        srv = self.server_ref
+        u = urlsplit(self.path)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        srv.record(f"GET {self.path} {self.headers.get('Range', '')}".strip())
+        if u.path.startswith("/drive/folders/"):
+            fid = u.path.rsplit("/", 1)[1]
+            if fid not in srv.folders:
+                return self._send(404, b"no folder", "text/html")
+            items = [[cid, [fid], name, mime] for cid, name, mime in srv.folders[fid]]
+            js = json.dumps([items, None]).replace('"', "\\x22").replace("/", "\\/")
+            page = (f"<html><head><title>folder - Google Drive</title></head><body><script>"
+                    f"window['_DRIVE_ivd'] = '{js}';</script></body></html>")
+            return self._send(200, page.encode(), "text/html; charset=utf-8")
+        if u.path == "/uc":  # Drive's warning page, with the form to the content host
+            if srv.quota_exceeded:
+                return self._send(200, b"<html><head><title>Google Drive - Quota exceeded</title>"
+                                  b"</head><body>Too many users</body></html>", "text/html")
+            fid = q.get("id", "")
+            page = (f"<html><head><title>Google Drive - Virus scan warning</title></head><body>"
+                    f"<p>Google Drive can't scan this file for viruses.</p>"
+                    f"<form id=\"download-form\" action=\"{srv.url}/download\" method=\"get\">"
+                    f"<input type=\"submit\" value=\"Download anyway\"/>"
+                    f"<input type=\"hidden\" name=\"id\" value=\"{fid}\">"
+                    f"<input type=\"hidden\" name=\"export\" value=\"download\">"
+                    f"<input type=\"hidden\" name=\"confirm\" value=\"t\">"
+                    f"<input type=\"hidden\" name=\"uuid\" value=\"0f1e2d3c\"></form></body></html>")
+            return self._send(200, page.encode(), "text/html; charset=utf-8")
+        if u.path == "/download":
+            if q.get("confirm") != "t" or q.get("uuid") != "0f1e2d3c" or q.get("id") not in srv.files:
+                return self._send(400, b"bad request", "text/html")
+            body = srv.files[q["id"]]
+            start = 0
+            m = _RANGE.match(self.headers.get("Range", "").strip())
+            if m and m[1]:
+                start = int(m[1])
+                if start >= len(body):
+                    return self._send(416, b"", headers={"Content-Range": f"bytes */{len(body)}"})
+            part = body[start:]
+            cut = srv.cut_after is not None and srv.downloads == 0
+            srv.downloads += 1
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(part)))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            if cut:  # the connection dies part way: the client keeps a partial file
+                self.wfile.write(part[:srv.cut_after])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(part)
+            return
+        self._send(404, b"not found", "text/html")
+
+
+class DriveServer(LocalServer):
+    """Answers as Google Drive does for a shared folder: ``/drive/folders/ID`` pages embedding the
+    listing (``_DRIVE_ivd``), ``/uc?export=download&id=ID`` with the "can't scan for viruses"
+    page whose form leads to ``/download?id=..&export=download&confirm=t&uuid=..`` (the bytes,
+    with Range). ``tree``: ``{"folder/file.ckpt": bytes}`` under ``root_id``; ``cut_after``: the
+    first download stops after that many bytes; ``quota_exceeded``: the warning page has no form."""
+
+    def __init__(self, root_id: str, tree: dict[str, bytes], cut_after: int | None = None):
+        self.folders: dict[str, list] = {root_id: []}
+        self.files: dict[str, bytes] = {}
+        self.cut_after, self.downloads, self.quota_exceeded = cut_after, 0, False
+        ids: dict[str, str] = {"": root_id}
+        for path, data in tree.items():
+            parent = ""
+            for i, name in enumerate(path.split("/")):
+                key = f"{parent}/{name}".lstrip("/")
+                last = i == len(path.split("/")) - 1
+                if key not in ids:
+                    nid = f"id{len(ids):04d}x"
+                    ids[key] = nid
+                    mime = "application/octet-stream" if last else "application/vnd.google-apps.folder"
+                    self.folders[ids[parent]].append((nid, name, mime))
+                    if last:
+                        self.files[nid] = data
+                    else:
+                        self.folders[nid] = []
+                parent = key
+        super().__init__(_DriveHandler)

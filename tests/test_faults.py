@@ -145,10 +145,11 @@ def test_dying_server_fails_loudly_and_the_rerun_completes(inp, clean, tmp_path,
     srv = TileServer(inp["tiles"], die_after=15).start()
     port = srv.port
     try:
-        rc, err = run(xyz_args(inp, out, srv.template()), capsys)
+        rc, err = run(xyz_args(inp, out, srv.template(), "--imagery-option", "dead_after=3"), capsys)
     finally:
         srv.stop()
     assert rc == 2 and err[-1].startswith("psm-map: error:") and "tile server" in err[-1], err[-5:]
+    assert "stopped answering" in err[-1] and "3 s" in err[-1], err[-1]
     assert sum(line.startswith("psm-map: error:") for line in err) == 1
     assert not any("Traceback" in line for line in err) and not out.exists()
     (store_url,) = (tmp_path / "psm-store").glob("*.zarr")
@@ -447,3 +448,47 @@ def test_dask_dashboard_binds_loopback():
             client.cluster.scheduler.http_server, "socket") else None
     if addr:
         assert addr[0] == "127.0.0.1"
+
+
+# -- a server that dies ---------------------------------------------------------------------------
+def test_dead_server_ends_the_run_soon_and_the_rerun_resumes(inp, clean, tmp_path):
+    """The issue's case, through the real CLI with the default retries, backoff and window
+    (30 s): the tile server dies after 60 of the 120 tiles; the run ends soon after, with one line naming
+    the server, no map, the finished blocks kept; the rerun once it is back gives the clean map."""
+    out = tmp_path / "dead.tif"
+    srv = TileServer(inp["tiles"], die_after=60).start()
+    port = srv.port
+    args = base_args(inp, out, "--query", "birds", "--stride", str(STRIDE), "--block-size", "4",
+                     "--no-previews", region="big_region", imagery="xyz:" + srv.template())
+    cmd = [sys.executable, "-m", "psm_mapping.cli", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         cwd=tmp_path)
+    try:
+        _, err = p.communicate(timeout=400)
+        t_exit = time.monotonic()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        srv.stop()
+    assert srv.killed_at is not None
+    took = t_exit - srv.killed_at
+    print(f"dead server: the run ended {took:.1f} s after the kill (window 30 s)")
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and lines[-1].startswith("psm-map: error:"), lines[-5:]
+    assert sum(line.startswith("psm-map: error:") for line in lines) == 1
+    assert not any("Traceback" in line for line in lines), err[-2000:]
+    msg = lines[-1]
+    assert "127.0.0.1" in msg and "kept" in msg and "rerun" in msg and "no map" in msg, msg
+    assert not out.exists() and not list(tmp_path.glob("*.tif"))
+    assert took < 45, took
+    (store_url,) = (tmp_path / "psm-store").glob("*.zarr")
+    kept = int((EmbeddingStore.open(str(store_url)).status() == DONE).sum())
+    assert kept > 0
+    with TileServer(inp["tiles"], port=port) as back:  # the server answers again: the rerun resumes
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=400)
+    assert p.returncode == 0, p.stderr[-2000:]
+    region = np.isfinite(clean)
+    got = band(out)[0]
+    assert np.array_equal(np.isnan(got), ~region)
+    np.testing.assert_allclose(got[region], clean[region], rtol=0, atol=TOL)

@@ -15,7 +15,7 @@ import rasterio
 
 from psm_mapping.cli import main
 
-from servers import SceneTiles, StaticServer, TileServer
+from servers import DriveServer, SceneTiles, StaticServer, TileServer
 from test_map_e2e import base_args, make_inputs
 
 
@@ -98,6 +98,27 @@ def test_no_checkpoint_downloads_the_official_one(inp, tmp_path, clean_env, monk
                              "--checkpoint")) == 0
         assert srv.count(e.filename) == 1
     assert "downloading GeoSound_pcmepp_metadata_sentinel" in capsys.readouterr().err  # the progress bar
+    with rasterio.open(tmp_path / "m.tif") as src:
+        assert src.tags()["checkpoint_sha256"] == file_sha256(inp["ckpt"])
+
+
+def test_no_checkpoint_downloads_from_google_drive_without_gdown(inp, tmp_path, clean_env, monkeypatch,
+                                                                 capsys):
+    """The mission's command on the base install: the checkpoint comes from (a stand-in of) the
+    authors' Drive folder, past the "download anyway" page, with gdown unimportable."""
+    import sys
+
+    from psm_mapping import weights
+    from psm_mapping.model.checkpoint import file_sha256
+
+    monkeypatch.setitem(sys.modules, "gdown", None)
+    e = weights.EXPERIMENTS[weights.DEFAULT_EXPERIMENT["sentinel"]]
+    with DriveServer(weights.DRIVE_FOLDER_ID, {e.drive_path: inp["ckpt"].read_bytes()}) as drive:
+        monkeypatch.setenv("PSM_DRIVE_URL", drive.url)
+        args = _without(base_args(inp, tmp_path / "m.tif", "--query", "birds", "--no-previews"), "--checkpoint")
+        assert main([a for a in args if a != "--quiet"]) == 0
+        assert drive.downloads == 1 and drive.count("/uc?") == 1
+    assert "downloading GeoSound_pcmepp_metadata_sentinel" in capsys.readouterr().err
     with rasterio.open(tmp_path / "m.tif") as src:
         assert src.tags()["checkpoint_sha256"] == file_sha256(inp["ckpt"])
 

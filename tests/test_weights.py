@@ -1,10 +1,9 @@
-"""`psm-map weights`: the 12 official experiments, verify, and download up to the network step
-(gdown's Google Drive calls are replaced by local copies: the network cannot be reached here)."""
+"""`psm-map weights`: the 12 official experiments, verify, and download from a Google Drive
+stand-in on 127.0.0.1 (tests/servers.py DriveServer: folder pages, the "can't scan for viruses"
+confirmation form, Range) with the same code that talks to Drive."""
 from __future__ import annotations
 
 import json
-import shutil
-import types
 
 import pytest
 
@@ -38,51 +37,83 @@ def test_verify_records_sha256(ckpt_factory, cache, capsys):
     assert (rec["sat_type"], rec["metadata_type"], rec["loss_type"]) == ("bingmap", "none", "infonce")
 
 
-def _fake_gdown(monkeypatch, files: dict[str, str]):
-    """gdown whose folder listing and download serve local files (id -> path)."""
-    calls = []
+@pytest.fixture
+def drive(monkeypatch, ckpt_factory):
+    """A Google Drive stand-in on 127.0.0.1 holding the official layout: the sentinel PCME++
+    metadata checkpoint (a tiny one of the same kind) and a bingmap one beside it."""
+    from servers import DriveServer
 
-    def download_folder(id=None, skip_download=False, quiet=True, **kw):
-        assert id == weights.DRIVE_FOLDER_ID and skip_download
-        return [types.SimpleNamespace(id=fid, path=f"best_ckpts/{rel}") for fid, (rel, _) in files.items()]
-
-    def download(id=None, output=None, quiet=False, resume=False, **kw):
-        calls.append((id, resume))
-        shutil.copy(files[id][1], output)
-        return output
-
-    monkeypatch.setitem(__import__("sys").modules, "gdown",
-                        types.SimpleNamespace(download_folder=download_folder, download=download))
-    return calls
-
-
-def test_download_fetches_only_that_file_and_verifies(ckpt_factory, cache, monkeypatch):
     e = weights.EXPERIMENTS["GeoSound_pcmepp_metadata_sentinel"]
-    good = ckpt_factory(sat_type="sentinel")
-    other = ckpt_factory(sat_type="bingmap", metadata_type="none")
-    calls = _fake_gdown(monkeypatch, {"F1": (e.drive_path, good), "F2": ("zgameb0q/x.ckpt", other)})
-    out = weights.download(e.name)
-    assert out == cache / f"{e.name}.ckpt" and file_sha256(out) == file_sha256(good)
-    assert calls == [("F1", True)]
-    assert weights.download(e.name) == out and len(calls) == 1  # cached: no second download
+    good = ckpt_factory(sat_type="sentinel").read_bytes()
+    other = ckpt_factory(sat_type="bingmap", metadata_type="none").read_bytes()
+    with DriveServer(weights.DRIVE_FOLDER_ID, {e.drive_path: good, "zgameb0q/x.ckpt": other}) as srv:
+        monkeypatch.setenv("PSM_DRIVE_URL", srv.url)
+        monkeypatch.delenv("PSM_WEIGHTS_URL", raising=False)
+        srv.good, srv.experiment = good, e
+        yield srv
 
 
-def test_download_of_wrong_file_is_refused(ckpt_factory, cache, monkeypatch):
-    e = weights.EXPERIMENTS["GeoSound_pcmepp_metadata_sentinel"]
-    wrong = ckpt_factory(sat_type="bingmap", metadata_type="none")
-    _fake_gdown(monkeypatch, {"F1": (e.drive_path, wrong)})
+def test_download_from_drive_confirms_and_fetches_only_that_file(drive, cache):
+    e = drive.experiment
+    out = weights.download(e.name, quiet=True)
+    assert out == cache / f"{e.name}.ckpt" and out.read_bytes() == drive.good
+    assert drive.downloads == 1 and drive.count("/uc?") == 1  # the warning page, then its form
+    assert drive.count("/download?") == 1 and drive.count("confirm=t") == 1
+    assert not list(cache.glob("*.part"))
+    n = len(drive.requests)
+    assert weights.download(e.name) == out and len(drive.requests) == n  # cached: no request
+
+
+def test_interrupted_download_keeps_a_part_and_resumes(drive, cache):
+    e = drive.experiment
+    drive.cut_after = 4096
+    with pytest.raises(CheckpointError, match="rerun to resume"):
+        weights.download(e.name, quiet=True)
+    part = cache / f"{e.name}.ckpt.part"
+    assert part.stat().st_size == 4096 and not (cache / f"{e.name}.ckpt").exists()
+    out = weights.download(e.name, quiet=True)
+    assert out.read_bytes() == drive.good and not part.exists()
+    gets = [r for r in drive.requests if "/download?" in r]
+    assert len(gets) == 2 and gets[-1].endswith("bytes=4096-")  # the rest only
+
+
+def test_download_of_wrong_file_is_refused(drive, cache, ckpt_factory):
+    e = drive.experiment
+    wrong = ckpt_factory(sat_type="bingmap", metadata_type="none").read_bytes()
+    fid = next(k for k, v in drive.files.items() if v == drive.good)
+    drive.files[fid] = wrong
     with pytest.raises(CheckpointError, match="wrong file"):
-        weights.download(e.name)
-    assert not (cache / f"{e.name}.ckpt").exists()
+        weights.download(e.name, quiet=True)
+    assert not list(cache.glob(f"{e.name}*"))
 
 
-def test_download_errors_are_one_line(cache, monkeypatch, capsys):
-    _fake_gdown(monkeypatch, {})
-    assert main(["weights", "download", "GeoSound_pcmepp_sentinel"]) == 2
+def test_download_errors_are_one_line(drive, cache, capsys):
+    drive.quota_exceeded = True
+    assert main(["weights", "download", drive.experiment.name]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "download it by hand" in err[0]
+    assert len(err) == 1 and "Quota exceeded" in err[0] and "by hand" in err[0], err
+    assert main(["weights", "download", "GeoSound_pcmepp_sentinel"]) == 2  # not in the folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "k81mf7ro/" in err[0] and "by hand" in err[0], err
     assert main(["weights", "download", "nope"]) == 2
     assert "psm-map weights" in capsys.readouterr().err
+
+
+def test_download_needs_no_gdown(drive, cache, tmp_path):
+    """The base install downloads: with gdown unimportable, the CLI fetches the checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['gdown'] = None; from psm_mapping.cli import main; "
+            f"sys.exit(main(['weights', 'download', {drive.experiment.name!r}]))")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (cache / f"{drive.experiment.name}.ckpt").read_bytes() == drive.good
+    assert "downloading" in r.stderr  # the progress bar
 
 
 def test_module_entry_points_know_every_subcommand(cache):

@@ -43,6 +43,9 @@ def command(name: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from ..gdal_log import route_gdal_messages
+
+    route_gdal_messages()  # GDAL's own lines stay in the log; its errors arrive as one line
     try:
         if argv and argv[0] in COMMANDS:
             return command(argv[0])(argv[1:])

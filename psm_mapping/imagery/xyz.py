@@ -32,7 +32,7 @@ from rasterio.transform import from_bounds
 from rasterio.warp import reproject, transform_bounds
 from tqdm.auto import tqdm
 
-from ..errors import ImageryError
+from ..errors import ImageryError, ServerDeadError
 from .base import ImagerySource, ImageryWindow, SourceInfo, check_window
 from .cache import TileCache
 from .http import DEFAULT_USER_AGENT, FetchResult, HTTPClient, HTTPConfig
@@ -144,6 +144,7 @@ class XYZSource(ImagerySource):
         backoff: float = 0.5,
         max_concurrency: int = 8,
         headers: dict[str, str] | None = None,
+        dead_after: float = 30.0,
         cache_dir: str | None = None,
         cache_max_age: float | None = None,
         memory_cache_tiles: int = 256,
@@ -159,6 +160,9 @@ class XYZSource(ImagerySource):
             raise ImageryError(f"tile_size {tile_size} is not supported: use 256 or 512")
         if not 0 <= min_zoom <= max_zoom <= 30:
             raise ImageryError(f"bad zoom range {min_zoom}..{max_zoom}: use 0 <= min <= max <= 30")
+        if not (isinstance(dead_after, (int, float)) and dead_after > 0):
+            raise ImageryError(f"dead_after {dead_after!r} is not a positive number of seconds: "
+                               "pass e.g. --imagery-option dead_after=30")
         if resampling != "auto" and resampling not in _RESAMPLING:
             raise ImageryError(
                 f"unknown resampling {resampling!r}: use auto or one of {sorted(_RESAMPLING)}")
@@ -177,7 +181,8 @@ class XYZSource(ImagerySource):
         self._bounds_lonlat = bounds_lonlat
         self.http = HTTPClient(HTTPConfig(
             user_agent=user_agent or DEFAULT_USER_AGENT, timeout=timeout, retries=retries,
-            backoff=backoff, max_concurrency=max_concurrency, headers=dict(headers or {})))
+            backoff=backoff, max_concurrency=max_concurrency, headers=dict(headers or {}),
+            dead_after=float(dead_after)))
         self.cache = TileCache(cache_dir, url_template, cache_max_age) if cache_dir else None
         self._memory: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._memory_size = int(memory_cache_tiles)
@@ -350,8 +355,9 @@ class XYZSource(ImagerySource):
         if plan is None or not plan.tiles:
             return ImageryWindow(data, mask, bounds, crs, faults=0)
         got, results = self.fetch_tiles(plan.zoom, plan.tiles)
-        if results and all(r.unreachable for r in results) and not any(
-                isinstance(v, bytes) and v for v in got.values()):
+        self.check_alive()
+        if results and all(r.unreachable for r in results) and not self.http.health.ever_answered \
+                and not any(isinstance(v, bytes) and v for v in got.values()):
             err = results[0].error
             raise ImageryError(
                 f"cannot reach tile server {self.host} after {self.retries + 1} tries "
@@ -434,6 +440,20 @@ class XYZSource(ImagerySource):
         data[:, ~mask] = 0
         return ImageryWindow(np.ascontiguousarray(data), mask, bounds, crs, faults=faults,
                              fault_mask=fault_mask)
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServerDeadError` once the server stopped answering (see
+        :class:`~psm_mapping.imagery.http.ServerHealth`)."""
+        health = self.http.health
+        if not health.dead.is_set():
+            return
+        err = health.last_error
+        raise ServerDeadError(
+            f"tile server {self.host} stopped answering: no answer to any request for "
+            f"{health.dead_after:g} s ({type(err).__name__}: {' '.join(str(err).split()) or 'no detail'}); "
+            "the run stopped and no map was written; the finished pixels are kept in the store "
+            "and rerunning the same command resumes once the server answers again (or wait "
+            "longer: --imagery-option dead_after=SECONDS)")
 
     def _resampling(self, ratio: float) -> Resampling:
         if self.resampling != "auto":

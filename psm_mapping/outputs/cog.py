@@ -59,9 +59,16 @@ def write_cog_file(result: MapResult, arrays: list[np.ndarray], path: Path, comp
                 src.set_band_description(i, band.description)
                 src.update_tags(i, **band.band_tags(), **band_stats(arr))
             src.update_tags(**tags)
-        with mem.open() as src:
-            cog_translate(src, str(path), cog_profile(compress, blocksize), nodata=float("nan"),
-                          overview_resampling="average", forward_band_tags=True, quiet=True)
+        # the COG is built in memory and written to disk by Python: a full disk or a refused
+        # write is one OSError (errno and path), never libtiff's own lines on stderr
+        with mem.open() as src, MemoryFile() as cog:
+            cog_translate(src, cog.name, cog_profile(compress, blocksize), nodata=float("nan"),
+                          overview_resampling="average", forward_band_tags=True, quiet=True,
+                          in_memory=True)
+            cog.seek(0)
+            with open(path, "wb") as fh:
+                while chunk := cog.read(8 << 20):
+                    fh.write(chunk)
 
 
 # --------------------------------------------------------------------------- dask

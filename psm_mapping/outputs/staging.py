@@ -211,13 +211,14 @@ def write_error(exc: BaseException, where: str, folder: Path | None = None,
     say why (libtiff prints ENOSPC to stderr and GDAL removes the partial file), so a disk with
     less free space than ``need_bytes`` (the uncompressed size of the output) counts as full."""
     text = " ".join(str(exc).split())
-    gdal = type(exc).__name__.startswith("CPLE_")  # rasterio: .errno is GDAL's error class
+    # GDAL's errors through rasterio (CPLE_*: .errno is GDAL's error class) or pyogrio
+    gdal = type(exc).__name__.startswith("CPLE_") or type(exc).__module__.startswith("pyogrio")
     code = None if gdal else getattr(exc, "errno", None)
     low = text.lower()
     if code in _SPACE or "no space left" in low or "disk space" in low or "disk full" in low or (
             (gdal or isinstance(exc, OSError)) and _short_of_space(folder, need_bytes)):
-        return OutputError(f"cannot write {where}: No space left on device: free space there or "
-                           "choose another --out", option="out")
+        return OutputError(f"cannot write {where}: No space left on device in {folder or 'its folder'}: "
+                           "free space there or choose another --out", option="out")
     if code in _ACCESS or "permission denied" in low or "read-only file system" in low:
         return OutputError(f"cannot write {where}: permission denied ({text}): choose a writable --out",
                            option="out")
@@ -235,6 +236,20 @@ def raw_bytes(arrays) -> int:
     return int(sum(4 * int(a.size) for a in arrays) * 4 // 3)
 
 
+def _failed_stage(stages: Sequence[Stage], exc: BaseException) -> Stage:
+    """The stage whose staged file ``exc`` names (an OSError's filename), else the last one
+    begun (stages are written in order, each staged file made when its writing starts)."""
+    name = getattr(exc, "filename", None)
+    if isinstance(name, (str, os.PathLike)):
+        p = os.path.abspath(os.fspath(name))
+        for s in stages:
+            tmp = os.path.abspath(s.tmp)
+            if p == tmp or p.startswith(tmp + os.sep):
+                return s
+    begun = [s for s in stages if os.path.lexists(s.tmp)]
+    return begun[-1] if begun else stages[0]
+
+
 def staged_all(stages: Sequence[Stage], write: Callable[[], None], where: str | None = None,
                need_bytes: int = 0) -> None:
     """Run ``write`` (which fills every ``stage.tmp``), then commit all; on failure discard every
@@ -247,7 +262,9 @@ def staged_all(stages: Sequence[Stage], write: Callable[[], None], where: str | 
     except BaseException as exc:
         err = None
         if not isinstance(exc, OutputError) and stages:
-            err = write_error(exc, where or str(stages[0].dst), stages[0].dst.parent, need_bytes)
+            failed = _failed_stage(stages, exc)
+            err = write_error(exc, where if where and failed is stages[0] else str(failed.dst),
+                              failed.dst.parent, need_bytes)
         for s in stages:
             s.discard()
         if err is not None:
