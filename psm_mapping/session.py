@@ -82,11 +82,47 @@ def metadata_tags(model, md) -> dict[str, str]:
             "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)}
 
 
+#: checkpoints hashed lately: (real path, size, mtime) -> sha256, kept in the weights cache
+SHA_MEMO_FILE = "sha256-memo.json"
+SHA_MEMO_ENTRIES = 64
+
+
+def checkpoint_sha256(ckpt) -> str:
+    """The sha256 of the checkpoint file, remembered by (real path, size, modification time) in
+    ``$PSM_CACHE/checkpoints/sha256-memo.json``: an official checkpoint (~1 GB) is hashed once, not on every
+    query. A file rewritten in place gets a new modification time and is hashed again."""
+    from .model.checkpoint import file_sha256
+    from .weights import cache_dir
+
+    st = os.stat(ckpt)
+    key = f"{os.path.realpath(ckpt)}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir() / SHA_MEMO_FILE
+    try:
+        memo = json.loads(memo_path.read_text())
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    sha = memo.get(key)
+    if isinstance(sha, str) and len(sha) == 64:
+        return sha
+    sha = file_sha256(ckpt)
+    memo.pop(key, None)
+    memo[key] = sha
+    memo = dict(list(memo.items())[-SHA_MEMO_ENTRIES:])
+    tmp = memo_path.with_name(f".{SHA_MEMO_FILE}.tmp-{os.getpid()}")
+    try:  # a memo that cannot be written only costs the next query a hash
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return sha
+
+
 def check_checkpoint(ckpt, store, what: str = "store") -> str:
     """The checkpoint's sha256; a :class:`StoreError` when it is not the one ``store`` was built with."""
-    from .model.checkpoint import file_sha256
-
-    sha = file_sha256(ckpt)
+    sha = checkpoint_sha256(ckpt)
     if sha != store.spec.checkpoint_sha256:
         raise StoreError(f"{Path(ckpt).name} is not the checkpoint this {what} was built with "
                          f"(sha256 {sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")

@@ -198,3 +198,29 @@ def test_bench_query_store_smoke():
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["pixels"] == 64 * 64 and res["read_mean_s"] > 0 and res["query_pass_s"] > 0 and res["cli_rss_mb"] > 0
+
+
+def test_checkpoint_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    """A session hashes a checkpoint once: the memo answers while the file's size and modification
+    time stay, and a rewritten file (new mtime) is hashed again."""
+    import hashlib
+    import json
+    import os
+
+    from psm_mapping.session import SHA_MEMO_FILE, checkpoint_sha256
+
+    monkeypatch.setenv("PSM_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "m.ckpt"
+    ck.write_bytes(b"weights" * 1000)
+    real = hashlib.sha256(ck.read_bytes()).hexdigest()
+    assert checkpoint_sha256(ck) == real
+    memo_path = tmp_path / "cache" / "checkpoints" / SHA_MEMO_FILE
+    memo = json.loads(memo_path.read_text())
+    assert list(memo.values()) == [real]
+    memo_path.write_text(json.dumps({k: "f" * 64 for k in memo}))  # the memo is what answers now
+    assert checkpoint_sha256(ck) == "f" * 64
+    st = os.stat(ck)
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert checkpoint_sha256(ck) == real
+    memo_path.write_text("{not json")  # a damaged memo is a miss, then rewritten
+    assert checkpoint_sha256(ck) == real and json.loads(memo_path.read_text())
