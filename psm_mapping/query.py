@@ -50,8 +50,9 @@ def build_queries(model: PSM, texts: Sequence[str] = (), audio: Sequence[str | P
     out: list[Query] = []
     from .textcache import embed_texts
 
-    t_emb = embed_texts(model, texts, tokenizer, cache=text_cache) if texts else None
+    # audio first: a refused clip (too long, silent, corrupt) then leaves no text cached in the store
     a_emb = model.embed_audio_files(audio, seed=seed, max_seconds=max_audio_seconds) if audio else None
+    t_emb = embed_texts(model, texts, tokenizer, cache=text_cache) if texts else None
     if combine and texts and audio:
         for i, t in enumerate(texts):
             for j, a in enumerate(audio):
