@@ -80,10 +80,15 @@ class Raster:
         return float((np.float32(v) - np.float32(self.lo)) / np.float32(self.hi - self.lo)) if self.hi > self.lo \
             else float(np.float32(v) - np.float32(self.lo))
 
-    def tile(self, x: int, y: int, z: int, vmin: float, vmax: float, colormap: str,
-             resampling: str = "nearest") -> bytes | None:
-        """The PNG of tile ``z/x/y`` (cut by rio-tiler's Web Mercator tiler); None when the tile does
-        not touch the raster's valid pixels."""
+    def to_score(self, values: np.ndarray) -> np.ndarray:
+        """``values`` rescaled 0..1 over the raster's range (as :meth:`score`)."""
+        lo, hi = np.float32(self.lo), np.float32(self.hi)
+        v = np.asarray(values, np.float32) - lo
+        return v / (hi - lo) if hi > lo else v
+
+    def tile_values(self, x: int, y: int, z: int, resampling: str = "nearest") -> np.ndarray | None:
+        """float32 ``[256, 256]`` of tile ``z/x/y`` (rio-tiler's Web Mercator tiler), NaN where there
+        is no data; None when the tile does not touch the raster's valid pixels."""
         r = self._reader()
         try:
             img = r.tile(x, y, z, tilesize=TILE_SIZE, resampling_method=resampling)
@@ -94,17 +99,58 @@ class Raster:
         valid = ~np.ma.getmaskarray(img.array)[0] & np.isfinite(img.array.data[0])
         if not valid.any():
             return None
-        # colour it as rio-tiler's rescale + colormap would, with one lookup table, and encode the
-        # PNG with light compression (tiles are small; latency matters more than bytes)
-        v = np.asarray(img.array.data[0], np.float64)
-        hi = vmax if vmax > vmin else vmin + 1e-6
-        idx = ((np.clip(v, vmin, hi) - vmin) / (hi - vmin) * 255.0)
-        idx = np.where(valid, np.nan_to_num(idx), 0).astype(np.uint8)
-        rgba = lut(colormap)[idx]
-        rgba[..., 3] = np.where(valid, rgba[..., 3], 0)
-        buf = io.BytesIO()
-        Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+        return np.where(valid, img.array.data[0], np.nan).astype(np.float32)
+
+
+#: tile formats: extension -> media type (float formats as TiTiler serves them)
+TILE_FORMATS = {"png": "image/png", "tif": "image/tiff; application=geotiff", "npy": "application/x-binary"}
+
+
+def encode_png(values: np.ndarray, vmin: float, vmax: float, colormap: str) -> bytes:
+    """``values`` (float ``[h, w]``, NaN: no data) coloured over ``vmin..vmax`` with ``colormap``
+    as rio-tiler's rescale + colormap would (one lookup table), as an RGBA PNG (NaN transparent),
+    lightly compressed (tiles are small; latency matters more than bytes)."""
+    valid = np.isfinite(values)
+    v = np.asarray(values, np.float64)
+    hi = vmax if vmax > vmin else vmin + 1e-6
+    idx = ((np.clip(v, vmin, hi) - vmin) / (hi - vmin) * 255.0)
+    idx = np.where(valid, np.nan_to_num(idx), 0).astype(np.uint8)
+    rgba = lut(colormap)[idx]
+    rgba[..., 3] = np.where(valid, rgba[..., 3], 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def tile_bounds(z: int, x: int, y: int):
+    """Web Mercator (EPSG:3857) bounds of XYZ tile ``z/x/y`` (morecantile's WebMercatorQuad)."""
+    import morecantile
+
+    return morecantile.tms.get("WebMercatorQuad").xy_bounds(morecantile.Tile(x, y, z))
+
+
+def encode_tif(values: np.ndarray, z: int, x: int, y: int) -> bytes:
+    """``values`` as a one-band float32 GeoTIFF of tile ``z/x/y``: EPSG:3857, the tile's bounds,
+    NaN nodata (rio-tiler's GTiff renderer)."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_bounds
+    from rio_tiler.utils import render
+
+    b = tile_bounds(z, x, y)
+    h, w = values.shape
+    return render(np.asarray(values, np.float32)[None], None, img_format="GTiff", crs=CRS.from_epsg(3857),
+                  transform=from_bounds(b.left, b.bottom, b.right, b.top, w, h), nodata=float("nan"),
+                  compress="deflate", predictor=3)
+
+
+def encode_npy(values: np.ndarray) -> bytes:
+    """``values`` as TiTiler's ``.npy`` (rio-tiler's NPY renderer): float32 ``[2, h, w]``, band 0
+    the values (NaN: no data), band 1 the mask (255 valid, 0 no data), row 0 at the north."""
+    from rio_tiler.utils import render
+
+    v = np.asarray(values, np.float32)
+    mask = np.where(np.isfinite(v), 255, 0).astype(np.float32)
+    return render(v[None], mask, img_format="NPY")
 
 
 @lru_cache(maxsize=None)

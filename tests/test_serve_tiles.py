@@ -1,0 +1,168 @@
+"""The explorer's tiles over a real ``psm-map serve`` subprocess on 127.0.0.1, against a synthetic
+store (200 x 160 px at 40 m, zoom levels 1 and 3, smooth random unit means, a few PENDING and
+FAULT pixels) written with :class:`psm_mapping.store.EmbeddingStore`.
+
+* float tiles (TiTiler's convention): ``.tif`` is a float32 GeoTIFF with the tile's Web Mercator
+  georeferencing and NaN nodata (read with rasterio), ``.npy`` a float32 ``[2, 256, 256]`` array
+  (values, mask) read with numpy; both hold the data the ``.png`` colours
+* a fine tile's values are the store's similarity (``psm-map query``'s COG) at each tile pixel's
+  centre (nearest resampling)
+"""
+from __future__ import annotations
+
+import io
+
+import httpx
+import morecantile
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from PIL import Image
+from pyproj import CRS, Transformer
+from rasterio.io import MemoryFile
+
+from psm_mapping.cli import main
+from psm_mapping.store import DONE, FAULT, PENDING, EmbeddingStore, StoreSpec
+
+from test_serve import Server
+
+TMS = morecantile.tms.get("WebMercatorQuad")
+EPSG, PX, W, H, D = 32633, 40.0, 200, 160, 512
+LEFT, TOP = 500_000.0, 5_600_000.0
+ZOOMS = (1, 3)
+HOLES = {(0, 10, 12): PENDING, (0, 100, 150): FAULT, (1, 50, 60): FAULT}
+
+
+def build_store(path, ckpt_sha: str, block: int = 32) -> EmbeddingStore:
+    spec = StoreSpec(crs_wkt=CRS.from_epsg(EPSG).to_wkt(), transform=tuple(Affine(PX, 0, LEFT, 0, -PX, TOP))[:6],
+                     width=W, height=H, stride=PX, block_size=block, zoom_levels=ZOOMS, sat_type="sentinel",
+                     checkpoint_sha256=ckpt_sha, imagery="synthetic", min_valid=0.5, fc_dim=D,
+                     probabilistic=True)
+    st = EmbeddingStore.open_or_create(str(path), spec, attrs={"metadata_options": None,
+                                                               "provenance": {"imagery": "synthetic"}})
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:H, 0:W] / 50.0
+    basis = rng.standard_normal((8, D)).astype(np.float32)
+    g = st.group
+    for zi in range(len(ZOOMS)):
+        coef = np.stack([np.sin(xx * (k + 1) / 3 + zi + k) * np.cos(yy * (k + 2) / 4 - k) for k in range(8)], -1)
+        m = coef.astype(np.float32) @ basis + 0.2 * rng.standard_normal((H, W, D)).astype(np.float32)
+        m /= np.linalg.norm(m, axis=-1, keepdims=True)
+        g["mean"][zi] = m.astype(np.float16)
+        vs = rng.uniform(15, 25, (H, W)).astype(np.float32)
+        status = np.full((H, W), DONE, np.uint8)
+        for (z, r, c), s in HOLES.items():
+            if z == zi:
+                status[r, c] = s
+                vs[r, c] = np.nan
+        g["var_sum"][zi] = vs
+        g["uncertainty"][zi] = np.sqrt(vs) * 15
+        g["valid"][zi] = np.where(np.isfinite(vs), 1.0, np.nan).astype(np.float32)
+        g["status"][zi] = status
+    return st
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory, tiny_ckpt, tokenizer_dir):
+    from psm_mapping.model.checkpoint import file_sha256
+    from psm_mapping.model.factory import tiny_clap_config
+
+    root = tmp_path_factory.mktemp("serve_tiles")
+    store = root / "store.zarr"
+    build_store(store, file_sha256(tiny_ckpt))
+    clap = root / "clap.json"
+    tiny_clap_config().to_json_file(str(clap))
+    common = ["--checkpoint", str(tiny_ckpt), "--clap-config", str(clap), "--tokenizer", str(tokenizer_dir)]
+    ref = root / "birds.tif"
+    assert main(["query", str(store), "--query", "birds", "--out", str(ref), *common, "--device", "cpu",
+                 "--quiet", "--no-previews"]) == 0
+    with rasterio.open(ref) as src:
+        sims = {d: src.read(i + 1) for i, d in enumerate(src.descriptions)}
+    s = Server([str(store), *common, "--basemap", "none"], root)
+    yield {"root": root, "store": store, "server": s, "ref": sims}
+    assert s.stop() == 0, s.log.read_text()[-2000:]
+
+
+def lonlat(col: float, row: float) -> tuple[float, float]:
+    tr = Transformer.from_crs(EPSG, 4326, always_xy=True)
+    return tr.transform(LEFT + col * PX, TOP - row * PX)
+
+
+def ref_band(synth, zoom: int) -> np.ndarray:
+    return next(v for k, v in synth["ref"].items() if k.startswith("similarity") and k.endswith(f"zoom {zoom}"))
+
+
+def read_tif(content: bytes):
+    with MemoryFile(content) as mem, mem.open() as src:
+        return src.read(1), src.crs, src.bounds, src.nodata, src.dtypes[0], src.count
+
+
+def test_float_tiles_hold_the_data_the_png_colours(synth):
+    s = synth["server"]
+    t = TMS.tile(*lonlat(W / 2, H / 2), 14)
+    params = {"text": "birds", "zoom_level": "1"}
+    rt = s.get(f"/tiles/14/{t.x}/{t.y}.tif", params=params)
+    assert rt.status_code == 200 and rt.headers["content-type"].startswith("image/tiff")
+    vals, crs, bounds, nodata, dtype, count = read_tif(rt.content)
+    assert crs.to_epsg() == 3857 and dtype == "float32" and count == 1 and np.isnan(nodata)
+    b = TMS.xy_bounds(t)
+    np.testing.assert_allclose(tuple(bounds), (b.left, b.bottom, b.right, b.top), rtol=0, atol=1e-6)
+    assert vals.shape == (256, 256) and np.isfinite(vals).sum() > 1000
+    rn = s.get(f"/tiles/14/{t.x}/{t.y}.npy", params=params)
+    assert rn.status_code == 200
+    arr = np.load(io.BytesIO(rn.content))
+    assert arr.shape == (2, 256, 256) and arr.dtype == np.float32
+    np.testing.assert_array_equal(arr[0], vals)  # NaN at the same places (array_equal treats NaN as equal)
+    np.testing.assert_array_equal(arr[1], np.where(np.isfinite(vals), 255, 0))
+    # the PNG is those values coloured over vmin..vmax (alpha 0 exactly where there is no data)
+    from psm_mapping.serve.tiles import lut
+
+    lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
+    rp = s.get(f"/tiles/14/{t.x}/{t.y}.png", params={**params, "vmin": lo, "vmax": hi})
+    img = np.asarray(Image.open(io.BytesIO(rp.content)).convert("RGBA"))
+    np.testing.assert_array_equal(img[..., 3] > 0, np.isfinite(vals))
+    idx = (np.clip((np.nan_to_num(vals, nan=lo) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    want = lut("viridis")[idx][..., :3]
+    fin = np.isfinite(vals)
+    assert np.abs(img[..., :3][fin].astype(int) - want[fin].astype(int)).max() <= 1
+    # the score band: the same values rescaled 0..1 over the query's range
+    sc = np.load(io.BytesIO(s.get(f"/tiles/14/{t.x}/{t.y}.npy", params={**params, "band": "score"}).content))[0]
+    assert np.nanmin(sc) >= 0 and np.nanmax(sc) <= 1
+    k = np.isfinite(vals)
+    assert np.corrcoef(sc[k], vals[k])[0, 1] > 0.9999
+    # outside the store: an all-NaN tile, never an error
+    far = TMS.tile(*lonlat(W * 40, H * 40), 14)
+    v_far, *_ = read_tif(s.get(f"/tiles/14/{far.x}/{far.y}.tif", params=params).content)
+    assert np.isnan(v_far).all()
+    assert np.load(io.BytesIO(s.get(f"/tiles/14/{far.x}/{far.y}.npy", params=params).content))[1].max() == 0
+    # an unknown format is a JSON 4xx naming the ones there are
+    r = s.get(f"/tiles/14/{t.x}/{t.y}.jpg", params=params)
+    assert r.status_code == 404 and ".tif" in r.json()["error"]
+
+
+@pytest.mark.parametrize("zoom_level", [1, 3])
+def test_fine_tile_values_are_the_store_similarity(synth, zoom_level):
+    """At web zoom 16 (a tile pixel ~1.5 m, the store's 40 m pixels): each tile pixel's value is
+    the similarity of the store pixel under its centre, as `psm-map query` computes it."""
+    s = synth["server"]
+    ref = ref_band(synth, zoom_level)
+    to_store = Transformer.from_crs(3857, EPSG, always_xy=True)
+    checked = 0
+    for col, row in ((W / 2, H / 2), (12.5, 10.5), (150.5, 100.5), (60.5, 50.5)):
+        t = TMS.tile(*lonlat(col, row), 16)
+        r = s.get(f"/tiles/16/{t.x}/{t.y}.tif", params={"text": "birds", "zoom_level": str(zoom_level)})
+        vals, *_ = read_tif(r.content)
+        b = TMS.xy_bounds(t)
+        step = (b.right - b.left) / 256
+        jj, ii = np.meshgrid(np.arange(256), np.arange(256))
+        x, y = to_store.transform(b.left + (jj + 0.5) * step, b.top - (ii + 0.5) * step)
+        c = np.floor((x - LEFT) / PX).astype(int)
+        rr = np.floor((TOP - y) / PX).astype(int)
+        # pixels near a store pixel's edge may fall either side (the tiler's reprojection grid)
+        fx, fy = (x - LEFT) / PX % 1, (TOP - y) / PX % 1
+        inner = (fx > 0.02) & (fx < 0.98) & (fy > 0.02) & (fy < 0.98) & (c >= 0) & (c < W) & (rr >= 0) & (rr < H)
+        want = ref[rr[inner], c[inner]]
+        np.testing.assert_allclose(vals[inner], want, rtol=0, atol=1e-5)
+        checked += int(inner.sum())
+    assert checked > 100_000
