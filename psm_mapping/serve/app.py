@@ -196,7 +196,7 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
     @app.get("/api/progress")
     def progress():
         """The computations running now (re-fusion of zoom levels for month/hour, similarity passes)."""
-        return {"jobs": ex.jobs()}
+        return {"jobs": ex.jobs.list()}
 
     @app.get("/api/footprint.geojson")
     def footprint():
@@ -243,20 +243,20 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
             key = (q.query_key, q.md_key, zi, band, fmt, resampling, zz, xx, yy)
         body = ex.tiles.get(key)
         if body is None:
-            r = ex.raster(q, zi, band)
-            values = None if r.lo is None else r.tile_values(xx, yy, zz, resampling)
+            values = ex.tile_values(q, zi, band, zz, xx, yy, resampling)
+            lo, hi = ex.value_range(q, zi, band) if values is not None else (None, None)
             if band == "score" and values is not None:  # 0..1 over the query's range
-                values = r.to_score(values)
+                values = ex.to_score(values, lo, hi)
             if fmt == "png":
-                if values is None:
+                if values is None or lo is None:
                     body = b""
                 else:
                     if band == "score":
                         v0 = 0.0 if vmin is None else vmin
                         v1 = 1.0 if vmax is None else vmax
                     else:
-                        v0 = r.lo if vmin is None else vmin
-                        v1 = r.hi if vmax is None else vmax
+                        v0 = lo if vmin is None else vmin
+                        v1 = hi if vmax is None else vmax
                     body = encode_png(values, v0, v1, cm)
             else:
                 if values is None:
