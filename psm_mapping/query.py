@@ -1,13 +1,12 @@
-"""Queries (text, audio, both) against an embedding store -> similarity and uncertainty maps.
+"""Queries (text, audio, both): embedding them (:func:`build_queries`) and the whole-store maps
+(:func:`query_store`), thin over the engine (:mod:`psm_mapping.engine`: one reader, one kernel,
+one fusion re-run).
 
 ``csd(pixel, q) = -(2 - 2 <mu_pixel, mu_q> + var_sum_pixel + var_sum_q)``: one matrix product over
-the store plus two additions, block by block. A query with its own metadata (month, hour,
-sources) re-runs only the fusion and heads from ``z_img``.
-
-A store whose zoom levels live on their own grids (scale-true sampling, :mod:`psm_mapping.zoomgrid`)
-is queried on each zoom's grid and the similarity and uncertainty resampled to the output grid
-(bilinear, NaN-aware): similarity is linear in the embedding mean and ``var_sum``, so this equals
-the similarity of interpolated embeddings. Dense stores take the paths below unchanged.
+the store plus two additions, window by window (:func:`psm_mapping.maps.map_windows` streams
+them; :func:`query_store` gathers them into arrays). A query with its own metadata (month, hour,
+sources) re-runs only the fusion and heads from ``z_img``. Scale-true stores (each zoom on its
+own grid) are answered on each zoom's grid and resampled to the output grid per window.
 """
 from __future__ import annotations
 
@@ -20,13 +19,11 @@ import numpy as np
 import torch
 
 from .errors import InputError, StoreError
-from .grid import Block
 from .model import PSM, ProbEmbedding
-from .model.heads import csd_from_parts
-from .region import wrap_lon
-from .grid import iter_blocks
+from .engine import QueryMatrix, Refusion, Window, read_plane, similarity, window_similarity
+from .grid import Block
 from .store import DONE, EmbeddingStore
-from .zoomgrid import resample, zoom_transform
+from .zoomgrid import resample
 
 log = logging.getLogger(__name__)
 
@@ -103,204 +100,59 @@ def prepare_query(store: EmbeddingStore, queries: Sequence[Query], metadata=None
 
 def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | None = None,
                 metadata=None, blocks: Sequence[Block] | None = None) -> QueryMaps:
-    """Similarity maps of ``queries`` over every done block of ``store``.
+    """Similarity maps of ``queries`` over the whole store, held in memory (``[Z, H, W]`` per
+    query; the writers stream instead: :func:`psm_mapping.maps.map_windows`).
 
     ``metadata`` (:class:`~psm_mapping.embed.MetadataOptions`): when it differs from what the
     store's ``mean`` was computed with, fusion and heads re-run from ``z_img`` (needs ``model``).
-    """
+    ``blocks``: only these output blocks (the rest NaN)."""
+    from .maps import map_windows
+
     spec = store.spec
     qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=model is not None)
     Z, H, W = len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((Z, H, W), np.nan, np.float32)
-    if not spec.dense:  # each zoom on its own grid: query there, resample to the output grid
-        for k in range(Z):
-            sim, unc[k] = query_zoom_grid(store, k, qm, qvs, model=model if rerun else None, metadata=metadata)
-            for q in range(len(queries)):
-                sims[q][k] = sim[q]
-        return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
-    status = store.status()
-    done = store.done_mask()
-    if not rerun and blocks is None:
-        _query_slabs(store, qm, qvs, sims, unc, done)
-        _mask_not_done(status, sims, unc)
-        return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
-    lonlat = _LonLat(store) if rerun else None
-    for b in (blocks if blocks is not None else store.iter_blocks()):
-        if not done[b.row_off // spec.block_size, b.col_off // spec.block_size]:
-            continue
-        ys, xs = b.slices
-        sim, unc[:, ys, xs] = query_block(store, b, qm, qvs, model=model if rerun else None,
-                                          metadata=metadata, lonlat=lonlat)
+    refusion = Refusion(model, metadata, store) if rerun else None
+    windows = None if blocks is None else [Window.of_block(b) for b in blocks]
+    for w, sim, u in map_windows(store, QueryMatrix(qm, qvs), refusion, windows=windows):
+        ys, xs = w.slices
+        unc[:, ys, xs] = u
         for q in range(len(queries)):
             sims[q][:, ys, xs] = sim[q]
-    _mask_not_done(status, sims, unc)
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
 
 
 def query_zoom_grid(store: EmbeddingStore, zoom_index: int, qm: torch.Tensor, qvs: torch.Tensor | None,
                     model: PSM | None = None, metadata=None) -> tuple[np.ndarray, np.ndarray]:
-    """Similarity ``[Q, H, W]`` and uncertainty ``[H, W]`` of one zoom on the output grid: computed
-    block by block on the zoom's own grid (fusion re-run from ``z_img`` with ``model``), then
-    resampled (:func:`~psm_mapping.zoomgrid.resample`; similarity is linear in mean and var_sum,
-    so resampling it equals resampling the embeddings). NaN where a contributing cell is not DONE."""
-    from dataclasses import replace
-
-    spec = store.spec
-    g = store.zoom_group(zoom_index)
-    h, w, Q = g.height, g.width, qm.shape[0]
-    ok = store.zoom_status(zoom_index) == DONE
-    done = store.done_mask(zoom_index)
-    sim = np.full((Q, h, w), np.nan, np.float32)
-    unc = np.full((h, w), np.nan, np.float32)
-    lonlat = _LonLat(store, zoom_index) if model is not None else None
-    for b in iter_blocks(h, w, spec.block_size):
-        if not done[b.index]:
-            continue
-        b = replace(b, zooms=(zoom_index, zoom_index + 1))
-        ys, xs = b.slices
-        s_b, u_b = query_block(store, b, qm, qvs, model=model, metadata=metadata, lonlat=lonlat)
-        sim[:, ys, xs], unc[ys, xs] = s_b[:, 0], u_b[0]
-    shape = (spec.height, spec.width)
-    return resample(sim, ok, g.factor, shape), resample(unc, ok, g.factor, shape)
-
-
-def _mask_not_done(status: np.ndarray, sims: list[np.ndarray], unc: np.ndarray) -> None:
-    """NaN wherever the store's status is not DONE (never computed, or a read fault): a map
-    shows exactly what the store says it computed."""
-    nd = status != DONE
-    if nd.any():
-        unc[nd] = np.nan
-        for s in sims:
-            s[nd] = np.nan
-
-
-def _slabs(H: int, W: int, bs: int, step: int, done: np.ndarray):
-    """``(row, height, col, width)`` of the slabs of an ``H`` x ``W`` grid: one band of blocks
-    (``bs`` rows) by ``step`` columns, skipping slabs with no block marked in ``done``."""
-    for bi, r in enumerate(range(0, H, bs)):
-        h = min(bs, H - r)
-        for c in range(0, W, step):
-            if done[bi, c // bs:(c + step) // bs + 1].any():
-                yield r, h, c, min(step, W - c)
-
-
-#: float16 bytes of ``mean`` read per slab by the fast path (a band of blocks, capped in width)
-SLAB_BYTES = 64 << 20
-
-
-def _query_slabs(store: EmbeddingStore, qm: torch.Tensor, qvs: torch.Tensor | None,
-                 sims: list[np.ndarray], unc: np.ndarray, done: np.ndarray) -> None:
-    """The whole store with the stored metadata: ``var_sum`` and ``uncertainty`` in one read each,
-    ``mean`` in slabs of whole chunks (one read per band of blocks: the chunks decode
-    concurrently, no per-block Python overhead), float16 -> float32 and one matrix product per
-    slab. Blocks not marked done stay NaN."""
-    spec = store.spec
-    Z, H, W, D, bs = len(spec.zoom_levels), spec.height, spec.width, spec.fc_dim, spec.block_size
-    vs_all = store.read("var_sum") if qvs is not None else None
-    unc[:] = store.read("uncertainty")
-    step = max(1, SLAB_BYTES // (Z * bs * bs * D * 2)) * bs  # columns per slab, whole blocks
-    qt = qm.T.contiguous().float()
-    for r, h, c, w in _slabs(H, W, bs, step, done):
-        mean = torch.from_numpy(store.read("mean", slice(r, r + h), slice(c, c + w))).reshape(-1, D)
-        dot = _dot_f16(mean, qt).numpy().reshape(Z, h, w, -1)
-        for q, s in enumerate(sims):
-            if qvs is not None:
-                s[:, r:r + h, c:c + w] = 2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs_all[:, r:r + h, c:c + w]
-            else:
-                s[:, r:r + h, c:c + w] = dot[..., q]
-    if not done.all():
-        nd = np.repeat(np.repeat(~done, bs, axis=0), bs, axis=1)[:H, :W]
-        unc[:, nd] = np.nan
-        for s in sims:
-            s[:, nd] = np.nan
-
-
-#: rows converted float16 -> float32 at a time: the float32 copy stays in cache for the product
-_DOT_ROWS = 2048
-
-
-def _dot_f16(m16: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
-    """``m16.float() @ qt`` for float16 rows ``[N, D]``, converted piece by piece in cache."""
-    n = m16.shape[0]
-    out = torch.empty((n, qt.shape[1]), dtype=torch.float32)
-    buf = torch.empty((min(n, _DOT_ROWS), m16.shape[1]), dtype=torch.float32)
-    # memory bound: one thread does it at memory speed, and a busy machine cannot stall it in
-    # OpenMP barriers (with 2 threads on a loaded 2-core host each piece took 50x longer)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i in range(0, n, _DOT_ROWS):
-            k = min(_DOT_ROWS, n - i)
-            b = buf[:k]
-            b.copy_(m16[i:i + k])
-            torch.mm(b, qt, out=out[i:i + k])
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    """Similarity ``[Q, H, W]`` and uncertainty ``[H, W]`` of one zoom on the output grid (a
+    scale-true zoom's grid resampled; fusion re-run from ``z_img`` with ``model``)."""
+    r = window_similarity(store, zoom_index, None, QueryMatrix(qm, qvs),
+                          refusion=Refusion(model, metadata, store) if model is not None else None)
+    return r.similarity, r.uncertainty
 
 
 def query_block(store: EmbeddingStore, b: Block, qm: torch.Tensor, qvs: torch.Tensor | None,
                 model: PSM | None = None, metadata=None, lonlat=None) -> tuple[np.ndarray, np.ndarray]:
-    """One block's similarity ``[Q, Z, h, w]`` and uncertainty ``[Z, h, w]`` (float32).
+    """One block's similarity ``[Q, Z, h, w]`` and uncertainty ``[Z, h, w]`` (float32), on the
+    grid the block lies on (its zoom grid for a block with ``zooms``), NaN where not DONE.
 
     ``qvs``: the queries' var sums (None: cosine similarity); ``model``: re-run fusion and heads
-    from ``z_img`` with ``metadata`` (``lonlat``: a :class:`_LonLat` of the store)."""
-    Z = len(range(len(store.spec.zoom_levels))[b.zoom_slice])
-    if model is not None:
-        d = store.read_block(b, ("z_img",))
-        mean, vs, u = _fuse_from_z_img(model, d["z_img"], metadata, *(lonlat or _LonLat(store))(b))
-    else:
-        d = store.read_block(b, ("mean", "var_sum", "uncertainty"))
-        mean, vs, u = d["mean"], d["var_sum"], d["uncertainty"]
-    m = torch.from_numpy(np.ascontiguousarray(mean)).float().reshape(-1, mean.shape[-1])
-    dot = (m @ qm.T).reshape(Z, b.height, b.width, qm.shape[0]).numpy()
-    sim = np.empty((qm.shape[0], Z, b.height, b.width), np.float32)
-    for q in range(qm.shape[0]):
-        sim[q] = csd_from_parts(dot[..., q], vs, float(qvs[q])) if qvs is not None else dot[..., q]
-    return sim, np.asarray(u, np.float32)
-
-
-class _LonLat:
-    """lon/lat of a block's pixel centres (``zoom_index``: on that zoom's own grid)."""
-
-    def __init__(self, store: EmbeddingStore, zoom_index: int | None = None):
-        from pyproj import CRS, Transformer
-
-        self.t = Transformer.from_crs(CRS.from_wkt(store.spec.crs_wkt), "EPSG:4326", always_xy=True)
-        g = store.zoom_group(zoom_index) if zoom_index is not None else None
-        if g is None or g.factor == 1:
-            self.x = np.asarray(store.group["x"][:])
-            self.y = np.asarray(store.group["y"][:])
-        else:  # cell centres of the zoom grid
-            t = zoom_transform(store.spec.transform, g.factor)
-            self.x = t.c + (np.arange(g.width) + 0.5) * t.a
-            self.y = t.f + (np.arange(g.height) + 0.5) * t.e
-
-    def __call__(self, b: Block):
-        xx, yy = np.meshgrid(self.x[b.col_off:b.col_off + b.width], self.y[b.row_off:b.row_off + b.height])
-        lon, lat = self.t.transform(xx, yy)
-        return wrap_lon(lon), np.asarray(lat)
-
-
-def _fuse_from_z_img(model: PSM, z_img: np.ndarray, metadata, lon: np.ndarray, lat: np.ndarray):
-    """Fusion + heads from stored ``z_img`` ``[Z, h, w, D]`` with new metadata."""
-    Z, h, w, D = z_img.shape
-    z = torch.from_numpy(z_img.astype(np.float32)).reshape(-1, D)
-    ok = torch.isfinite(z).all(1)
-    mean = np.full((Z * h * w, model.config.fc_dim), np.nan, np.float32)
-    vs = np.full(Z * h * w, np.nan, np.float32)
-    unc = np.full(Z * h * w, np.nan, np.float32)
-    if ok.any():
-        idx = ok.nonzero().squeeze(1)
-        lon_all = np.broadcast_to(lon, (Z, h, w)).reshape(-1)[idx.numpy()]
-        lat_all = np.broadcast_to(lat, (Z, h, w)).reshape(-1)[idx.numpy()]
-        emb = model.embed_image_features(z[idx], metadata.for_pixels(lon_all, lat_all), fuse=metadata.fuse)
-        mean[idx.numpy()] = emb.mean.cpu().numpy()
-        if emb.logvar is not None:
-            vs[idx.numpy()] = emb.var_sum().cpu().numpy()
-            unc[idx.numpy()] = emb.uncertainty().cpu().numpy()
-    return mean.reshape(Z, h, w, -1), vs.reshape(Z, h, w), unc.reshape(Z, h, w)
+    from ``z_img`` with ``metadata`` (``lonlat`` is ignored: kept for callers)."""
+    qmat = QueryMatrix(qm, qvs)
+    refusion = Refusion(model, metadata, store) if model is not None else None
+    zs = range(len(store.spec.zoom_levels))[b.zoom_slice]
+    sims, uncs = [], []
+    for k in zs:
+        g = store.zoom_group(k)
+        # a block of a zoom grid: its cells are that grid's pixels (factor f output pixels each)
+        w = Window(b.row_off * g.factor, b.col_off * g.factor, b.height * g.factor, b.width * g.factor)
+        p = read_plane(store, k, w, 0, refusion=refusion)
+        s = similarity(p.mean, p.var_sum, qmat)
+        s[:, ~p.ok] = np.nan
+        sims.append(s)
+        uncs.append(p.uncertainty)
+    return np.stack(sims, 1).astype(np.float32, copy=False), np.stack(uncs).astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------- one zoom level
@@ -312,7 +164,7 @@ class ZoomArrays:
     ``uncertainty`` float32 ``[H, W]``."""
 
     zoom_index: int
-    mean: np.ndarray | None  # None: not held (:func:`zoom_similarity` streams it from the store)
+    mean: np.ndarray | None  # None: not held (:func:`zoom_similarity` reads it from the store)
     var_sum: np.ndarray
     uncertainty: np.ndarray
     #: scale-true stores (:mod:`psm_mapping.zoomgrid`): ``mean`` and ``var_sum`` are on the zoom's own
@@ -340,68 +192,30 @@ def load_zoom(store: EmbeddingStore, zoom_index: int, model: PSM | None = None, 
               progress=None, with_mean: bool = True) -> ZoomArrays:
     """Read zoom ``zoom_index`` of ``store`` into memory (``with_mean=False``: all but ``mean``);
     with ``model`` and ``metadata`` re-run fusion and heads from ``z_img`` block by block
-    (``progress(done, total)`` after each block)."""
-    spec = store.spec
-    if store.zoom_group(zoom_index).factor > 1:
-        return _load_zoom_grid(store, zoom_index, model, metadata, progress, with_mean)
-    H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
-    nd = store.status()[zoom_index] != DONE  # never computed, or a read fault: NaN
-    done = store.done_mask()
-    blocks = [b for b in store.iter_blocks() if done[b.row_off // bs, b.col_off // bs]]
-    if model is None:
-        mean = np.asarray(store.read("mean", zoom_index=zoom_index)) if with_mean else None
-        vs = np.asarray(store.read("var_sum", zoom_index=zoom_index), np.float32)
-        unc = np.asarray(store.read("uncertainty", zoom_index=zoom_index), np.float32)
-    else:
-        mean = np.full((H, W, D), np.nan, np.float32)
-        vs = np.full((H, W), np.nan, np.float32)
-        unc = np.full((H, W), np.nan, np.float32)
-        lonlat = _LonLat(store)
-        for i, b in enumerate(blocks):
-            ys, xs = b.slices
-            z = store.read("z_img", ys, xs, slice(zoom_index, zoom_index + 1), where=f"block {b.index}")
-            m, v, u = _fuse_from_z_img(model, z, metadata, *lonlat(b))
-            mean[ys, xs], vs[ys, xs], unc[ys, xs] = m[0], v[0], u[0]
-            if progress is not None:
-                progress(i + 1, len(blocks))
-    if nd.any():
-        vs[nd], unc[nd] = np.nan, np.nan
-        if mean is not None:
-            mean[nd] = np.nan
-    return ZoomArrays(zoom_index, mean, vs, unc)
-
-
-def _load_zoom_grid(store: EmbeddingStore, zoom_index: int, model, metadata, progress, with_mean) -> ZoomArrays:
-    """:func:`load_zoom` of a zoom on its own grid (factor > 1): cells in memory, uncertainty resampled."""
-    from dataclasses import replace
+    (``progress(done, total)`` after each block). Through :func:`psm_mapping.engine.read_plane`."""
+    from .grid import iter_blocks
 
     spec = store.spec
     g = store.zoom_group(zoom_index)
-    h, w, D = g.height, g.width, spec.fc_dim
-    ok = store.zoom_status(zoom_index) == DONE
-    rows, cols, zs = slice(0, h), slice(0, w), slice(zoom_index, zoom_index + 1)
     if model is None:
-        mean = np.asarray(store.read("mean", rows, cols, zoom_index)) if with_mean else None
-        vs = np.asarray(store.read("var_sum", rows, cols, zoom_index), np.float32)
-        unc = np.asarray(store.read("uncertainty", rows, cols, zoom_index), np.float32)
+        p = read_plane(store, zoom_index, None, 0, with_mean=with_mean)
+        mean, vs, unc, ok = p.mean, p.var_sum, p.uncertainty, p.ok
     else:
-        mean = np.full((h, w, D), np.nan, np.float32)
-        vs = np.full((h, w), np.nan, np.float32)
-        unc = np.full((h, w), np.nan, np.float32)
-        lonlat = _LonLat(store, zoom_index)
-        done = store.done_mask(zoom_index)
-        blocks = [replace(b, zooms=zs.indices(len(spec.zoom_levels))[:2])
-                  for b in iter_blocks(h, w, spec.block_size) if done[b.index]]
+        refusion = Refusion(model, metadata, store)
+        mean = np.full((g.height, g.width, spec.fc_dim), np.nan, np.float32)
+        vs = np.full((g.height, g.width), np.nan, np.float32)
+        unc, ok = vs.copy(), np.zeros((g.height, g.width), bool)
+        blocks = list(iter_blocks(g.height, g.width, spec.block_size))
+        f = g.factor
         for i, b in enumerate(blocks):
+            p = read_plane(store, zoom_index, Window(b.row_off * f, b.col_off * f, b.height * f, b.width * f), 0,
+                           refusion=refusion)
             ys, xs = b.slices
-            z = store.read("z_img", ys, xs, zs, where=f"block {b.index} of zoom {spec.zoom_levels[zoom_index]}")
-            m, v, u = _fuse_from_z_img(model, z, metadata, *lonlat(b))
-            mean[ys, xs], vs[ys, xs], unc[ys, xs] = m[0], v[0], u[0]
+            mean[ys, xs], vs[ys, xs], unc[ys, xs], ok[ys, xs] = p.mean, p.var_sum, p.uncertainty, p.ok
             if progress is not None:
                 progress(i + 1, len(blocks))
-    vs[~ok], unc[~ok] = np.nan, np.nan
-    if mean is not None:
-        mean[~ok] = np.nan
+    if g.factor == 1:
+        return ZoomArrays(zoom_index, mean, vs, unc)
     shape = (spec.height, spec.width)
     return ZoomArrays(zoom_index, mean, vs, resample(unc, ok, g.factor, shape), factor=g.factor, ok=ok,
                       out_shape=shape)
@@ -410,41 +224,21 @@ def _load_zoom_grid(store: EmbeddingStore, zoom_index: int, model, metadata, pro
 def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: torch.Tensor | None,
                     zoom_index: int | None = None) -> np.ndarray:
     """Similarity ``[Q, H, W]`` (float32) of the queries ``(qm, qvs)`` (from :func:`prepare_query`)
-    at one zoom: over :class:`ZoomArrays` held in memory, or streamed from the store in slabs
-    (``zoom_index`` then says which zoom). The same arithmetic as :func:`query_store`."""
-    qt = qm.T.contiguous().float()
-    Q = qm.shape[0]
-
-    def sim_of(mean: np.ndarray, vs: np.ndarray) -> np.ndarray:
-        h, w, D = mean.shape
-        m = torch.from_numpy(np.ascontiguousarray(mean)).reshape(-1, D)
-        if m.dtype == torch.float16:  # as _query_slabs
-            dot = _dot_f16(m, qt).numpy().reshape(h, w, Q)
-            out = [2.0 * dot[..., q] - (2.0 + float(qvs[q])) - vs if qvs is not None else dot[..., q]
-                   for q in range(Q)]
-        else:  # fusion re-ran (float32 means), as query_block
-            dot = (m.float() @ qt).numpy().reshape(h, w, Q)
-            out = [csd_from_parts(dot[..., q], vs, float(qvs[q])) if qvs is not None else dot[..., q]
-                   for q in range(Q)]
-        return np.stack(out).astype(np.float32, copy=False)
-
+    at one zoom: over :class:`ZoomArrays` held in memory, or read from the store one band of
+    blocks at a time (``zoom_index`` then says which zoom). The engine's kernel."""
+    qmat = QueryMatrix(qm, qvs)
     if isinstance(source, ZoomArrays):
         if source.mean is None:
             raise ValueError("these ZoomArrays do not hold the means: pass the store")
+        sim = similarity(source.mean, source.var_sum, qmat)
         if source.factor > 1:  # on the zoom's own grid: resample (linear in mean and var_sum)
-            return resample(sim_of(source.mean, source.var_sum), source.ok, source.factor, source.out_shape)
-        return sim_of(source.mean, source.var_sum)
+            return resample(sim, source.ok, source.factor, source.out_shape)
+        return sim
     store, spec = source, source.spec
-    g = store.zoom_group(zoom_index)
-    if g.factor > 1:
-        return query_zoom_grid(store, zoom_index, qm, qvs)[0]
-    H, W, D, bs = spec.height, spec.width, spec.fc_dim, spec.block_size
-    out = np.full((Q, H, W), np.nan, np.float32)
-    done = store.done_mask()
-    vs_all = np.asarray(store.read("var_sum", zoom_index=zoom_index), np.float32)
-    step = max(1, SLAB_BYTES // (bs * bs * D * 2)) * bs
-    for r, h, c, w in _slabs(H, W, bs, step, done):
-        mean = store.read("mean", slice(r, r + h), slice(c, c + w), zoom_index)
-        out[:, r:r + h, c:c + w] = sim_of(mean, vs_all[r:r + h, c:c + w])
-    out[:, store.status()[zoom_index] != DONE] = np.nan
+    if store.zoom_group(zoom_index).factor > 1:
+        return window_similarity(store, zoom_index, None, qmat).similarity
+    out = np.full((len(qmat), spec.height, spec.width), np.nan, np.float32)
+    for r in range(0, spec.height, spec.block_size):
+        w = Window(r, 0, min(spec.block_size, spec.height - r), spec.width)
+        out[:, w.row_off:w.row_off + w.height] = window_similarity(store, zoom_index, w, qmat).similarity
     return out

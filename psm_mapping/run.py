@@ -6,7 +6,6 @@ driver (``distributed.py``) calls the same ``embed_block`` per block.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from .model.checkpoint import file_sha256
 from .outputs import build_map_result, describe_outputs, write_outputs
 from .query import build_queries, query_store
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
+from .session import compute_dtype, load_model, record_text_setup, reuse_text_setup  # noqa: F401
 from .zoomgrid import zoom_factors, zoom_grid
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
@@ -93,24 +93,6 @@ def fault_message(fault_pixels: int) -> str:
     """The line that says a map has holes from failed reads, and how they heal."""
     return (f"{fault_pixels:,} pixel-zooms are masked (NaN) because imagery reads failed (tile "
             "server errors after retries): rerun the same command to retry exactly those")
-
-
-def compute_dtype(dtype: str, device) -> str:
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return dtype
-
-
-def load_model(cfg: MapConfig, encoders: Sequence[str] = ("image", "text", "audio")):
-    """(model, checkpoint path, device) for ``cfg``, with the towers in ``encoders`` (see
-    :meth:`PSM.from_checkpoint`: a query of a store needs no image encoder)."""
-    from .model import PSM
-
-    device = resolve_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.checkpoint, sat_type=imagery_sat_type(cfg.imagery), quiet=not cfg.progress)
-    model = PSM.from_checkpoint(ckpt, clap_config=cfg.clap_config, device=device,
-                                dtype=compute_dtype(cfg.dtype, device), encoders=encoders)
-    return model, ckpt, device
 
 
 def metadata_tags(model, md: MetadataOptions) -> dict[str, str]:
@@ -372,30 +354,6 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
         raise
     return PreparedRun(cfg, md, model, Path(ckpt), device, sha, queries, region, grid, source, spec,
                        store_url, store, tags, t_start)
-
-
-def record_text_setup(store: EmbeddingStore, cfg: MapConfig, model) -> None:
-    """Record in the store the tokenizer and CLAP config this run used, so that ``psm-map query``
-    and the explorer reuse them without being told (a run that names them updates the record)."""
-    rec = {}
-    if cfg.tokenizer or "tokenizer" not in store.attrs:
-        rec["tokenizer"] = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "roberta-base"
-    if cfg.clap_config or "clap_config" not in store.attrs:
-        rec["clap_config"] = model.clap_config.to_dict()
-    if rec:
-        try:
-            store.group.attrs.update(json.loads(json.dumps(rec, default=str)))
-        except (OSError, PermissionError) as exc:  # a read-only store still maps
-            log.warning("could not record the tokenizer in the store (%s)", exc)
-
-
-def reuse_text_setup(store: EmbeddingStore, cfg: MapConfig) -> None:
-    """Fill ``cfg.tokenizer`` / ``cfg.clap_config`` from what the store's run used, if not given."""
-    tok = store.attrs.get("tokenizer")
-    if not cfg.tokenizer and tok and tok != "roberta-base" and Path(tok).is_dir():
-        cfg.tokenizer = tok
-    if not cfg.clap_config and store.attrs.get("clap_config"):
-        cfg.clap_config = store.attrs["clap_config"]
 
 
 def map_region(cfg: MapConfig, log_fn=print) -> MapRun:

@@ -156,6 +156,9 @@ class EmbeddingStore:
                                  f"{spec.key()}): pass another --store folder or remove it")
             store = cls(url, group, spec)
             store._check_arrays()
+            from .levels import ensure_levels
+
+            ensure_levels(store, log.info)  # a store written before levels existed: build them once
             return store
         if group is not None and len(list(group.keys())) > 0:
             raise StoreError(f"{url} holds something that is not a psm-mapping store: choose an "
@@ -222,6 +225,10 @@ class EmbeddingStore:
             a[:] = vals
         g.attrs.update({**attrs, "format": STORE_FORMAT, "key": s.key(), "spec": asdict(s),
                         "crs_wkt": s.crs_wkt})
+        from .levels import GROUP, create_levels
+
+        create_levels(g, s)  # overviews of embeddings, written with each block (levels.py)
+        g[GROUP].attrs.update({"complete": True})
 
     def _check_arrays(self) -> None:
         missing = [a for a in (*ARRAYS, "status") if a not in self.group]
@@ -332,6 +339,10 @@ class EmbeddingStore:
             g["mean"][zs, ys, xs, :] = new["mean"]
             for n in ("var_sum", "uncertainty", "valid"):
                 g[n][zs, ys, xs] = new[n]
+            from .levels import write_block_levels
+
+            # the block's level cells (before the status: a killed write is recomputed whole)
+            write_block_levels(self, b, new["mean"], new["var_sum"], status, new["uncertainty"], new["z_img"])
             g["status"][zs, ys, xs] = status
         except OSError as exc:
             raise _os_error(exc, self.url, f"write block {b.index} of the embedding store") from None
@@ -339,9 +350,12 @@ class EmbeddingStore:
     def reset_blocks(self, blocks) -> None:
         """Mark ``blocks`` PENDING everywhere (e.g. after a corrupt chunk): the next run
         computes them again."""
+        from .levels import clear_block_levels
+
         for b in blocks:
             ys, xs = b.slices
             self.group["status"][b.zoom_slice, ys, xs] = np.zeros((self._nz(b), b.height, b.width), np.uint8)
+            clear_block_levels(self, b)
 
     def find_corrupt_blocks(self, names=(*ARRAYS, "status")) -> list[Block]:
         """Blocks with a chunk that does not decode (checksum mismatch, truncation)."""

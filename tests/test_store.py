@@ -205,7 +205,6 @@ def test_query_reads_only_done_blocks(tmp_path, monkeypatch):
     from affine import Affine
     from pyproj import CRS
 
-    from psm_mapping import query as qmod
     from psm_mapping.model.heads import ProbEmbedding
     from psm_mapping.query import Query, query_store
     from psm_mapping.store import BlockEmbeddings
@@ -230,7 +229,6 @@ def test_query_reads_only_done_blocks(tmp_path, monkeypatch):
         st.write_block(res)
     emb = ProbEmbedding.from_heads(torch.randn(2, 16), torch.full((2, 16), -2.0))
     queries = [Query("a", "text", emb[0]), Query("b", "text", emb[1])]
-    monkeypatch.setattr(qmod, "SLAB_BYTES", 2 * 8 * 8 * 16 * 2)  # slabs of 2 blocks: exercise the edges
     fast = query_store(st, queries)
     slow = query_store(st, queries, blocks=blocks)
     for f, s in zip(fast.similarity, slow.similarity):
