@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from affine import Affine  # noqa: E402
 from pyproj import CRS, Transformer  # noqa: E402
 
+from psm_mapping.levels import build_levels, has_levels  # noqa: E402
 from psm_mapping.store import DONE, EmbeddingStore, StoreSpec  # noqa: E402
 
 D = 512
@@ -95,6 +96,7 @@ def build_store(path: Path, side: int, block: int, ckpt_sha: str, zooms=(1,)) ->
         g["uncertainty"][:, r:r + h] = np.sqrt(vs) * 15
         g["valid"][:, r:r + h] = 1.0
         g["status"][:, r:r + h] = np.full((Z, h, side), DONE, np.uint8)
+    build_levels(store)  # the overviews a run writes with each block
     return store
 
 
@@ -176,17 +178,22 @@ def measure(path: Path, side: int, common: list[str], a, tmp: Path) -> dict:
             r = client.get(f"/tiles/{z}/{t.x}/{t.y}.png", params=params)
             dt = time.perf_counter() - t0
             assert r.status_code == 200 and len(r.content) > 200, (r.status_code, r.text[:200])
+            timing = dict(p.split(";dur=") for p in r.headers.get("server-timing", "").split(", ") if ";dur=" in p)
+            embed_ms.append(float(timing.get("embed", "nan")))
             return dt, t
 
         words = iter(WORDS * 10)
         out = {"side": side, "start_s": t_start}
+        embed_ms: list[float] = []
         # ---- new query -> first tile: web zoom 8 (the whole store in one tile), then 14
         for z in (8, 14):
             first = []
+            embed_ms.clear()
             for i in range(a.queries):
                 fx, fy = (0.5, 0.5) if z == 8 else rng.uniform(0.2, 0.8, 2)
                 first.append(get_tile(z, *lonlat(fx, fy), text=f"{next(words)} {z} {i}")[0])
             out[f"first_z{z}"] = first
+            out[f"embed_z{z}"] = list(embed_ms)
         # ---- tiles of a computed query, not rendered before (web zooms 10..15)
         q = {"text": WORDS[0]}
         get_tile(12, *lonlat(0.5, 0.5), **q)
@@ -256,6 +263,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             if not path.exists():
                 build_store(path, side, a.block_size, file_sha256(ckpt))
+            elif not has_levels(EmbeddingStore.open(str(path))):  # a store kept from before levels
+                build_levels(EmbeddingStore.open(str(path), mode="r+"))
             t_build = time.perf_counter() - t0
             size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
             r = measure(path, side, common, a, tmp)
@@ -271,8 +280,10 @@ def main(argv=None) -> int:
                   f"{r['disk'] / 1e9:.2f} GB on disk, built in {r['build_s']:.0f} s); server up in {r['start_s']:.1f} s")
             for z in (8, 14):
                 f = r[f"first_z{z}"]
+                e = np.median(r[f"embed_z{z}"])
                 print(f"  new query -> first tile, web zoom {z:2d}: p50 {pct(f, 50):7.0f} ms  p95 {pct(f, 95):7.0f} ms"
-                      f"  (goal p50 <= 300 ms)  runs: " + ", ".join(f"{x * 1e3:.0f}" for x in f))
+                      f"  (goal p50 <= 300 ms; of which the text embedding {e:.0f} ms)  runs: "
+                      + ", ".join(f"{x * 1e3:.0f}" for x in f))
             print(f"  cached tile (same URL again)       : p50 {pct(r['cached_tile'], 50):7.1f} ms  (goal <= 20 ms)")
             print(f"  new tile of a computed query z10-15: p50 {pct(r['new_tile'], 50):7.1f} ms  "
                   f"p95 {pct(r['new_tile'], 95):7.1f} ms")

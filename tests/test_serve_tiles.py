@@ -23,6 +23,7 @@ from pyproj import CRS, Transformer
 from rasterio.io import MemoryFile
 
 from psm_mapping.cli import main
+from psm_mapping.levels import build_levels  # noqa: E402
 from psm_mapping.store import DONE, FAULT, PENDING, EmbeddingStore, StoreSpec
 
 from test_serve import Server
@@ -60,6 +61,7 @@ def build_store(path, ckpt_sha: str, block: int = 32) -> EmbeddingStore:
         g["uncertainty"][zi] = np.sqrt(vs) * 15
         g["valid"][zi] = np.where(np.isfinite(vs), 1.0, np.nan).astype(np.float32)
         g["status"][zi] = status
+    build_levels(st)  # the overviews a run writes with each block
     return st
 
 
@@ -126,11 +128,13 @@ def test_float_tiles_hold_the_data_the_png_colours(synth):
     want = lut("viridis")[idx][..., :3]
     fin = np.isfinite(vals)
     assert np.abs(img[..., :3][fin].astype(int) - want[fin].astype(int)).max() <= 1
-    # the score band: the same values rescaled 0..1 over the query's range
+    # the score band: the same values rescaled 0..1 over the query's colour range (a coarse level:
+    # full-resolution values may fall a little outside it)
     sc = np.load(io.BytesIO(s.get(f"/tiles/14/{t.x}/{t.y}.npy", params={**params, "band": "score"}).content))[0]
-    assert np.nanmin(sc) >= 0 and np.nanmax(sc) <= 1
-    k = np.isfinite(vals)
-    assert np.corrcoef(sc[k], vals[k])[0, 1] > 0.9999
+    rng = s.get("/api/query", params={"text": "birds"}).json()["zoom_levels"][0]["similarity"]
+    want_sc = (vals - np.float32(rng["min"])) / (np.float32(rng["max"]) - np.float32(rng["min"]))
+    np.testing.assert_allclose(sc, want_sc, rtol=0, atol=1e-5)
+    assert 0.2 < np.nanmean((sc >= 0) & (sc <= 1)) and np.nanmax(sc) > 0.5
     # outside the store: an all-NaN tile, never an error
     far = TMS.tile(*lonlat(W * 40, H * 40), 14)
     v_far, *_ = read_tif(s.get(f"/tiles/14/{far.x}/{far.y}.tif", params=params).content)
@@ -166,3 +170,67 @@ def test_fine_tile_values_are_the_store_similarity(synth, zoom_level):
         np.testing.assert_allclose(vals[inner], want, rtol=0, atol=1e-5)
         checked += int(inner.sum())
     assert checked > 100_000
+
+
+def cell_means(a: np.ndarray, k: int) -> np.ndarray:
+    """The mean of ``a``'s finite values over cells of ``2**k`` x ``2**k`` pixels (NaN: none)."""
+    n = 1 << k
+    h, w = -(-a.shape[0] // n) * n, -(-a.shape[1] // n) * n
+    p = np.full((h, w), np.nan)
+    p[:a.shape[0], :a.shape[1]] = a
+    cells = p.reshape(h // n, n, w // n, n)
+    fin = np.isfinite(cells)
+    with np.errstate(invalid="ignore"):
+        return np.where(fin, cells, 0).sum((1, 3)) / fin.sum((1, 3))
+
+
+def test_coarse_tile_reads_the_level_of_its_pixel(synth):
+    """Web zoom 9 (a tile pixel ~195 m on the ground, store pixels 40 m): the tile shows level 2
+    (160 m cells, the largest not coarser than its pixel), each value the average of the
+    full-resolution similarities of the cell's DONE pixels."""
+    s = synth["server"]
+    ref = ref_band(synth, 1)
+    want = cell_means(ref, 2)
+    t = TMS.tile(*lonlat(W / 2, H / 2), 9)
+    vals, *_ = read_tif(s.get(f"/tiles/9/{t.x}/{t.y}.tif", params={"text": "birds", "zoom_level": "1"}).content)
+    b = TMS.xy_bounds(t)
+    step = (b.right - b.left) / 256
+    jj, ii = np.meshgrid(np.arange(256), np.arange(256))
+    x, y = Transformer.from_crs(3857, EPSG, always_xy=True).transform(b.left + (jj + 0.5) * step,
+                                                                       b.top - (ii + 0.5) * step)
+    fx, fy = (x - LEFT) / (4 * PX), (TOP - y) / (4 * PX)
+    c, r = np.floor(fx).astype(int), np.floor(fy).astype(int)
+    inside = (c >= 0) & (c < want.shape[1]) & (r >= 0) & (r < want.shape[0])
+    assert np.isfinite(vals).sum() == pytest.approx(inside.sum(), rel=0.05)
+    inner = inside & (fx % 1 > 0.05) & (fx % 1 < 0.95) & (fy % 1 > 0.05) & (fy % 1 < 0.95)
+    assert inner.sum() > 200
+    np.testing.assert_allclose(vals[inner], want[r[inner], c[inner]], rtol=0, atol=2e-5)
+
+
+def test_a_new_query_computes_only_the_tiles_window(synth):
+    """A fine tile of a query never asked: the similarity of the chunk of full-resolution cells
+    under the tile (one of the store's 3 x 4 level-0 chunks of 64 x 64 cells) and of the colour
+    range's coarse level (level 1: 80 x 100 cells, 2 x 2 chunks); nothing else, and each once."""
+    s = synth["server"]
+    t = TMS.tile(*lonlat(30.5, 30.5), 16)
+    r = s.get(f"/tiles/16/{t.x}/{t.y}.png", params={"text": "a lonely owl", "zoom_level": "3"})
+    assert r.status_code == 200 and len(r.content) > 500
+    computed = {c["key"]: c["times"] for c in s.get("/api/stats").json()["computed"]
+                if "'a lonely owl'" in c["key"] and c["key"].startswith("('similarity'")}
+    # key: (kind, query, month/hour, zoom index, level, chunk row, chunk column)
+    want = {(1, 0, 0, 0)} | {(1, 1, i, j) for i in (0, 1) for j in (0, 1)}  # the tile's, the range's
+    assert computed == {repr(("similarity", ("a lonely owl", None), (None, None), *k)): 1 for k in want}, computed
+
+
+def test_colour_range_comes_from_a_coarse_level(synth):
+    """The 200 x 160 px store's range level is 1 (100 x 80 cells, at most 128 a side): the query's
+    range is the min/max of those cells' averages, the same for every tile."""
+    s = synth["server"]
+    d = s.get("/api/query", params={"text": "birds"}).json()
+    for entry, z in zip(d["zoom_levels"], ZOOMS):
+        cells = cell_means(ref_band(synth, z), 1)
+        assert entry["range_level"] == 1
+        assert entry["similarity"]["min"] == pytest.approx(float(np.nanmin(cells)), abs=2e-5)
+        assert entry["similarity"]["max"] == pytest.approx(float(np.nanmax(cells)), abs=2e-5)
+        assert entry["valid_pixels"] == W * H - sum(1 for (zi, _, _) in HOLES if ZOOMS[zi] == z)
+    assert d["approximate"] is False

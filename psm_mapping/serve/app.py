@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import tempfile
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -242,7 +243,12 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         else:
             key = (q.query_key, q.md_key, zi, band, fmt, resampling, zz, xx, yy)
         body = ex.tiles.get(key)
+        timing = {}
         if body is None:
+            t0 = time.perf_counter()
+            if q.text or q.audio:
+                ex.embedding(q)  # a new query's embedding (timed apart from the cells)
+            t1 = time.perf_counter()
             values = ex.tile_values(q, zi, band, zz, xx, yy, resampling)
             lo, hi = ex.value_range(q, zi, band) if values is not None else (None, None)
             if band == "score" and values is not None:  # 0..1 over the query's range
@@ -263,8 +269,11 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
                     values = np.full((TILE_SIZE, TILE_SIZE), np.nan, np.float32)
                 body = encode_tif(values, zz, xx, yy) if fmt == "tif" else encode_npy(values)
             ex.tiles.put(key, body, max(len(body), 64))
-        return Response(body or transparent_png(), media_type=TILE_FORMATS[fmt],
-                        headers={"Cache-Control": TILE_CACHE_CONTROL})
+            timing = {"embed": t1 - t0, "tile": time.perf_counter() - t1}
+        headers = {"Cache-Control": TILE_CACHE_CONTROL}
+        if timing:  # where a computed tile's time went (W3C Server-Timing, milliseconds)
+            headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1e3:.1f}" for k, v in timing.items())
+        return Response(body or transparent_png(), media_type=TILE_FORMATS[fmt], headers=headers)
 
     @app.get("/tilejson.json")
     def tilejson(request: Request):

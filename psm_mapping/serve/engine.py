@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Explorer", "QuerySpec", "RequestError", "BANDS", "MEAN"]
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus")
 #: level cells per side of one cached chunk of similarity (or uncertainty) values
-CHUNK = 128
+CHUNK = 64
 #: the colour range's level: the finest with at most this many cells a side
 RANGE_CELLS = 128
 #: chunks computed at once (each holds its cells' means while it runs: bounds transient memory)
@@ -97,7 +97,7 @@ class Explorer:
         self.transform = Affine(*spec.transform[:6])
         self.to_store = Transformer.from_crs("EPSG:4326", self.crs, always_xy=True)
         self.to_lonlat = Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
-        xs, ys = zip(*(self.transform * (c, r) for c, r in ((0, 0), (spec.width, spec.height))))
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in ((0, 0), (spec.width, spec.height))))
         self.bounds = (min(xs), min(ys), max(xs), max(ys))
         self.lonlat_bounds = lonlat_bounds(self.crs, self.bounds)
         self.merc_bounds = Transformer.from_crs(self.crs, "EPSG:3857", always_xy=True).transform_bounds(
@@ -120,6 +120,8 @@ class Explorer:
         self._audio_dir = Path(tempfile.mkdtemp(prefix="psm-serve-audio-"))
         self.ranges: dict[tuple, dict] = {}
         self._valid = [self._valid_pixels(zi) for zi in range(len(self.zoom_levels))] if preload else None
+        if preload:  # the tiler's first use (imports, GDAL's projection set-up) before the first request
+            warp_to_tile(np.zeros((2, 2), np.float32), self.transform, self.crs, 0, 0, 0)
         self.load_seconds = time.perf_counter() - t0
 
     def close(self) -> None:
@@ -258,14 +260,19 @@ class Explorer:
         _, hk, wk = self._grid(zi, level)
         rows, cols = rows or slice(0, hk), cols or slice(0, wk)
         out = np.full((rows.stop - rows.start, cols.stop - cols.start), np.nan, np.float32)
-        for ci in range(rows.start // CHUNK, (rows.stop - 1) // CHUNK + 1):
-            for cj in range(cols.start // CHUNK, (cols.stop - 1) // CHUNK + 1):
-                ch = self._chunk(q, zi, level, ci, cj, "uncertainty" if band == "uncertainty" else "similarity")
-                a0, b0 = ci * CHUNK, cj * CHUNK
-                r = slice(max(rows.start, a0), min(rows.stop, a0 + ch.shape[0]))
-                c = slice(max(cols.start, b0), min(cols.stop, b0 + ch.shape[1]))
-                out[r.start - rows.start:r.stop - rows.start, c.start - cols.start:c.stop - cols.start] = \
-                    ch[r.start - a0:r.stop - a0, c.start - b0:c.stop - b0]
+        kind = "uncertainty" if band == "uncertainty" else "similarity"
+        ids = [(ci, cj) for ci in range(rows.start // CHUNK, (rows.stop - 1) // CHUNK + 1)
+               for cj in range(cols.start // CHUNK, (cols.stop - 1) // CHUNK + 1)]
+        if len(ids) > 1:  # chunks not cached yet compute side by side (COMPUTE_SLOTS at a time)
+            chunks = list(_pool().map(lambda ij: self._chunk(q, zi, level, *ij, kind), ids))
+        else:
+            chunks = [self._chunk(q, zi, level, *ids[0], kind)]
+        for (ci, cj), ch in zip(ids, chunks):
+            a0, b0 = ci * CHUNK, cj * CHUNK
+            r = slice(max(rows.start, a0), min(rows.stop, a0 + ch.shape[0]))
+            c = slice(max(cols.start, b0), min(cols.stop, b0 + ch.shape[1]))
+            out[r.start - rows.start:r.stop - rows.start, c.start - cols.start:c.stop - cols.start] = \
+                ch[r.start - a0:r.stop - a0, c.start - b0:c.stop - b0]
         return out
 
     def cell_transform(self, zi: int, level: int, row: int = 0, col: int = 0):
@@ -273,7 +280,7 @@ class Explorer:
         from affine import Affine
 
         cell = self._grid(zi, level)[0]
-        return self.transform * Affine.translation(col * cell, row * cell) * Affine.scale(cell)
+        return self.transform @ Affine.translation(col * cell, row * cell) @ Affine.scale(cell)
 
     # ------------------------------------------------------------------ ranges and tiles
     def range_level(self, zi: int) -> int:
@@ -396,7 +403,7 @@ class Explorer:
 
     def pixel(self, lon: float, lat: float) -> tuple[int, int]:
         x, y = self.to_store.transform(lon, lat)
-        col, row = ~self.transform * (x, y)
+        col, row = ~self.transform @ (x, y)
         spec = self.store.spec
         if not (np.isfinite(col) and np.isfinite(row)) or not (0 <= col < spec.width and 0 <= row < spec.height):
             w, s, e, n = self.lonlat_bounds
@@ -404,19 +411,32 @@ class Explorer:
                                f"lat {s:.5f}..{n:.5f}): click inside its outline")
         return int(row), int(col)
 
-    def point(self, q: QuerySpec, lon: float, lat: float) -> dict:
-        """Values of ``q`` at one pixel, every zoom at full resolution (equal to ``psm-map query``)."""
+    def _point_block(self, q: QuerySpec, zi: int, br: int, bc: int) -> tuple[np.ndarray, np.ndarray]:
+        """Similarity and uncertainty of output block ``(br, bc)`` at zoom ``zi``, full resolution,
+        computed as the map's writers compute it (:func:`psm_mapping.maps.map_windows`: the same
+        window, so the same float arithmetic as ``psm-map query``)."""
         from ..engine import Window, window_similarity
 
+        def compute():
+            spec, bs = self.store.spec, self.store.spec.block_size
+            w = Window(br * bs, bc * bs, min(bs, spec.height - br * bs), min(bs, spec.width - bc * bs))
+            with self._slots:
+                r = window_similarity(self.store, zi, w, self.embedding(q)[1], refusion=self.refusion(q))
+            return r.similarity[0], r.uncertainty
+
+        return self.once.get_or_compute(self.chunks, ("point", q.query_key, q.md_key, zi, br, bc), compute)
+
+    def point(self, q: QuerySpec, lon: float, lat: float) -> dict:
+        """Values of ``q`` at one pixel, every zoom at full resolution (equal to ``psm-map query``)."""
         row, col = self.pixel(lon, lat)
-        cx, cy = self.transform * (col + 0.5, row + 0.5)
+        cx, cy = self.transform @ (col + 0.5, row + 0.5)
         clon, clat = self.to_lonlat.transform(cx, cy)
-        _, matrix = self.embedding(q)
         sims, uncs = [], []
+        bs = self.store.spec.block_size
         for zi in range(len(self.zoom_levels)):
-            r = window_similarity(self.store, zi, Window(row, col, 1, 1), matrix, refusion=self.refusion(q))
-            sims.append(float(r.similarity[0, 0, 0]))
-            uncs.append(float(r.uncertainty[0, 0]))
+            s, u = self._point_block(q, zi, row // bs, col // bs)
+            sims.append(float(s[row % bs, col % bs]))
+            uncs.append(float(u[row % bs, col % bs]))
         with np.errstate(invalid="ignore"):
             sims.append(float(np.nanmean(sims)) if np.isfinite(sims).any() else float("nan"))
             uncs.append(float(np.nanmean(uncs)) if np.isfinite(uncs).any() else float("nan"))
@@ -504,6 +524,21 @@ class Explorer:
                 "baseline_rss": self.baseline_rss, "rss": process_rss(), "load_seconds": round(self.load_seconds, 3),
                 "computed": [{"key": repr(k), "times": v} for k, v in self.once.computed.items()],
                 "jobs": self.jobs.list()}
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    """The threads that compute a request's chunks side by side (shared by all requests)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(COMPUTE_SLOTS * 2, thread_name_prefix="psm-chunks")
+        return _POOL
 
 
 @dataclass

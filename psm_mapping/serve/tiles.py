@@ -60,7 +60,7 @@ def tile_target(z: int, x: int, y: int, crs, transform, height: int, width: int,
     if not all(np.isfinite((left, bottom, right, top))):
         return None
     inv = ~transform
-    cs, rs = zip(*(inv * (px, py) for px, py in ((left, top), (right, top), (left, bottom), (right, bottom))))
+    cs, rs = zip(*(inv @ (px, py) for px, py in ((left, top), (right, top), (left, bottom), (right, bottom))))
     r0, r1 = max(0, int(np.floor(min(rs)))), min(height, int(np.ceil(max(rs))))
     c0, c1 = max(0, int(np.floor(min(cs)))), min(width, int(np.ceil(max(cs))))
     if r1 <= r0 or c1 <= c0:
