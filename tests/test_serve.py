@@ -647,7 +647,9 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     v = p["similarity"]["1"]
     assert f"{v:.4f}" in text or f"{v:.2f}" in text, (text, p)
     d.find_element(By.CSS_SELECTOR, ".maplibregl-popup-close-button").click()
-    # the month slider changes the tiles (fusion re-runs with month 6)
+    # the month slider changes the tiles (fusion re-runs with month 6); the panel then says that
+    # coarse zooms of a re-fused view are approximate (and not before)
+    assert not d.find_element(By.ID, "approximate").is_displayed()
     slider = d.find_element(By.ID, "month")
     old_url = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
     slider.click()  # the thumb sits at 0: a click at the centre jumps to about 6
@@ -657,6 +659,8 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     new_url = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
     month = int(slider.get_attribute("value"))
     assert 1 <= month <= 12 and f"month={month}" in new_url
+    assert d.find_element(By.ID, "approximate").is_displayed()
+    assert "Approximate" in d.find_element(By.ID, "approximate").text
     month_shot = tmp_path / "2-month.png"
     moved = _map_pixels(d, month_shot)
     assert _coloured(moved) > 20000
