@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 FUSION_ROWS = 8192
 #: a cube held in memory larger than this is refused (fewer settings, a smaller region)
 MAX_CUBE_BYTES = 16 << 30
-MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August",
-               "September", "October", "November", "December")
+from .outputs.labels import MONTH_NAMES, setting_label  # noqa: E402,F401  (public here too)
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,6 @@ class TimeAxes:
     def __len__(self) -> int:
         return len(self.settings)
 
-
-def setting_label(month: int | None, hour: int | None) -> str:
-    """``"May, 14:00"`` (a masked item left out)."""
-    parts = [MONTH_NAMES[month - 1] if month is not None else None,
-             f"{hour:02d}:00" if hour is not None else None]
-    return ", ".join(p for p in parts if p) or "month and hour masked"
 
 
 def check_cube_model(model_config, metadata: MetadataOptions, axes: TimeAxes) -> None:
@@ -405,16 +398,11 @@ def profile_from_store(store_url: str, cfg, point) -> tuple[PointProfile, dict]:
     """``psm-map query STORE --point LON,LAT``: the month x hour profile of one place (every
     month and hour the checkpoint has unless ``cfg.months`` / ``cfg.hours`` say), written as
     ``cfg.out`` (CSV) and its heatmap. Returns the profile and the files written."""
-    import os
-    from pathlib import Path
-
     from .checks import _check_output
-    from .errors import StoreError
-    from .model.checkpoint import file_sha256
     from .offline import set_offline
     from .outputs.profile import heatmap_path, write_profile
     from .query import build_queries
-    from .run import load_model, reuse_text_setup
+    from .session import open_session
 
     lon, lat = parse_point(point)
     cfg.check_time()
@@ -427,14 +415,11 @@ def profile_from_store(store_url: str, cfg, point) -> tuple[PointProfile, dict]:
     if heatmap_path(cfg.out).exists() and not cfg.overwrite:
         raise InputError(f"{heatmap_path(cfg.out)} exists: pass --overwrite to replace it, or choose another --out",
                          option="out")
-    if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
-        cfg.checkpoint = store.attrs.get("checkpoint_path")
-    reuse_text_setup(store, cfg)
-    model, ckpt, _ = load_model(cfg)
-    sha = file_sha256(ckpt)
-    if sha != store.spec.checkpoint_sha256:
-        raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "
-                         f"(sha256 {sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")
+    session = open_session(store_url, cfg.checkpoint, encoders=("text", "audio") if cfg.audio else ("text",),
+                           clap_config=cfg.clap_config, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                           storage_options=cfg.store_options or None, levels=False)
+    store, model = session.store, session.model
+    cfg.tokenizer = session.tokenizer
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
     axes = default_profile_axes(model.config, cfg)
     check_cube_model(model.config, md, axes)

@@ -28,7 +28,7 @@ from . import levels as L
 from .store import DONE, EmbeddingStore
 
 __all__ = ["Window", "Plane", "QueryMatrix", "Refusion", "WindowResult", "read_plane", "similarity",
-           "query_matrix", "window_similarity", "level_for_pixel_size", "max_level", "resample_window"]
+           "query_matrix", "window_similarity", "window_plane", "plane_similarity", "level_for_pixel_size", "max_level", "resample_window"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,11 @@ def query_matrix(queries, probabilistic: bool = True) -> QueryMatrix:
 
 
 # ------------------------------------------------------------------------------- the kernel
-#: rows converted float16 -> float32 at a time: the float32 copy stays in cache for the product
+#: rows converted float16 -> float32 per matrix product: the float32 copy stays in cache
 _DOT_ROWS = 4096
+#: elements per conversion step: below torch's parallel grain (32768) each copy runs on the calling
+#: thread, so a loaded machine cannot stall it in OpenMP barriers, and no thread count is changed
+_COPY_ELEMS = 32767
 
 
 def dot(mean: np.ndarray, qt: torch.Tensor) -> np.ndarray:
@@ -128,10 +131,13 @@ def dot(mean: np.ndarray, qt: torch.Tensor) -> np.ndarray:
     n = m.shape[0]
     out = torch.empty((n, q.shape[1]), dtype=torch.float32)
     buf = torch.empty((min(n, _DOT_ROWS), m.shape[1]), dtype=torch.float32)
+    step = max(1, _COPY_ELEMS // max(1, m.shape[1]))
     for i in range(0, n, _DOT_ROWS):
         k = min(_DOT_ROWS, n - i)
         b = buf[:k]
-        b.copy_(m[i:i + k])
+        for j in range(0, k, step):
+            e = min(k, j + step)
+            b[j:e].copy_(m[i + j:i + e])
         torch.mm(b, q, out=out[i:i + k])
     return out.numpy()
 
@@ -328,6 +334,31 @@ class WindowResult:
     approximate: bool = False
 
 
+def window_plane(store: EmbeddingStore, zoom_index: int, window: Window | None, level: int = 0,
+                 refusion: Refusion | None = None, on_output: bool = True) -> Plane:
+    """The read half of :func:`window_similarity` (one cell of halo for a scale-true zoom resampled
+    to the output grid): a caller may read the next window while computing this one."""
+    resample = on_output and level == 0 and store.zoom_group(zoom_index).factor > 1
+    return read_plane(store, zoom_index, window or Window.whole(store), level, refusion=refusion,
+                      halo=1 if resample else 0)
+
+
+def plane_similarity(store: EmbeddingStore, plane: Plane, window: Window | None, queries: QueryMatrix,
+                     on_output: bool = True) -> WindowResult:
+    """The compute half of :func:`window_similarity` for a plane from :func:`window_plane`."""
+    window = window or Window.whole(store)
+    g = store.zoom_group(plane.zoom_index)
+    sim = similarity(plane.mean, plane.var_sum, queries)
+    unc = plane.uncertainty
+    if on_output and plane.level == 0 and g.factor > 1:
+        cells, grid_cells = (plane.row_off, plane.col_off), (g.height, g.width)
+        sim = resample_window(sim, plane.ok, g.factor, cells, grid_cells, window)
+        unc = resample_window(unc, plane.ok, g.factor, cells, grid_cells, window)
+    elif not plane.ok.all():
+        sim[:, ~plane.ok] = np.nan
+    return WindowResult(sim.astype(np.float32, copy=False), unc, plane, plane.approximate)
+
+
 def window_similarity(store: EmbeddingStore, zoom_index: int, window: Window | None, queries: QueryMatrix,
                       level: int = 0, refusion: Refusion | None = None, on_output: bool = True) -> WindowResult:
     """Similarity of ``queries`` over one zoom's ``window``: :func:`read_plane` + :func:`similarity`.
@@ -336,19 +367,8 @@ def window_similarity(store: EmbeddingStore, zoom_index: int, window: Window | N
     resampled bilinearly, NaN-aware, as :func:`psm_mapping.zoomgrid.resample`; similarity is linear
     in mean and var_sum, so this equals the similarity of the resampled embeddings). Otherwise the
     plane's cells. NaN where the store computed nothing (not DONE) or has no embedding."""
-    window = window or Window.whole(store)
-    g = store.zoom_group(zoom_index)
-    resample = on_output and level == 0 and g.factor > 1
-    plane = read_plane(store, zoom_index, window, level, refusion=refusion, halo=1 if resample else 0)
-    sim = similarity(plane.mean, plane.var_sum, queries)
-    unc = plane.uncertainty
-    if resample:
-        cells, grid_cells = (plane.row_off, plane.col_off), (g.height, g.width)
-        sim = resample_window(sim, plane.ok, g.factor, cells, grid_cells, window)
-        unc = resample_window(unc, plane.ok, g.factor, cells, grid_cells, window)
-    elif not plane.ok.all():
-        sim[:, ~plane.ok] = np.nan
-    return WindowResult(sim.astype(np.float32, copy=False), unc, plane, plane.approximate)
+    plane = window_plane(store, zoom_index, window, level, refusion, on_output)
+    return plane_similarity(store, plane, window, queries, on_output)
 
 
 def zoom_indices(store: EmbeddingStore) -> Sequence[int]:

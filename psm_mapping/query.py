@@ -242,3 +242,27 @@ def zoom_similarity(source: EmbeddingStore | ZoomArrays, qm: torch.Tensor, qvs: 
         w = Window(r, 0, min(spec.block_size, spec.height - r), spec.width)
         out[:, w.row_off:w.row_off + w.height] = window_similarity(store, zoom_index, w, qmat).similarity
     return out
+
+
+class _LonLat:
+    """lon/lat of a block's pixel centres (``zoom_index``: on that zoom's own grid)."""
+
+    def __init__(self, store: EmbeddingStore, zoom_index: int | None = None):
+        from pyproj import CRS, Transformer
+
+        from .zoomgrid import zoom_transform
+
+        self.t = Transformer.from_crs(CRS.from_wkt(store.spec.crs_wkt), "EPSG:4326", always_xy=True)
+        f = store.zoom_group(zoom_index).factor if zoom_index is not None else 1
+        t = zoom_transform(store.spec.transform, f)
+        g = store.zoom_group(zoom_index) if zoom_index is not None else None
+        h, w = (g.height, g.width) if g is not None else (store.spec.height, store.spec.width)
+        self.x = t.c + (np.arange(w) + 0.5) * t.a
+        self.y = t.f + (np.arange(h) + 0.5) * t.e
+
+    def __call__(self, b: Block):
+        from .region import wrap_lon
+
+        xx, yy = np.meshgrid(self.x[b.col_off:b.col_off + b.width], self.y[b.row_off:b.row_off + b.height])
+        lon, lat = self.t.transform(xx, yy)
+        return wrap_lon(lon), np.asarray(lat)

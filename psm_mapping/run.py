@@ -441,17 +441,16 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
     cfg.check_time()
     if cfg.offline:
         set_offline()
+    from .session import open_session
+
     store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
     _check_output(cfg.out, cfg.overwrite, cfg.previews)
+    session = open_session(store_url, cfg.checkpoint, encoders=("text", "audio") if cfg.audio else ("text",),
+                           clap_config=cfg.clap_config, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
+                           storage_options=cfg.store_options or None, progress=cfg.progress, log_fn=log_fn)
+    store, model = session.store, session.model
+    cfg.tokenizer = session.tokenizer
     prov = dict(store.attrs.get("provenance", {}))
-    if not cfg.checkpoint and not os.environ.get("PSM_CHECKPOINT"):
-        cfg.checkpoint = store.attrs.get("checkpoint_path")
-    reuse_text_setup(store, cfg)
-    model, ckpt, _ = load_model(cfg, encoders=("text", "audio") if cfg.audio else ("text",))
-    sha = file_sha256(ckpt)
-    if sha != store.spec.checkpoint_sha256:
-        raise StoreError(f"{Path(ckpt).name} is not the checkpoint this store was built with "
-                         f"(sha256 {sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")
     md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
     if cfg.is_cube:
         from .cube import check_cube_run

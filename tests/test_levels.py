@@ -160,3 +160,18 @@ def test_level_for_pixel_size(tmp_path):
     assert E.level_for_pixel_size(st, 0, 1e9) == E.max_level(st, 0) == 6
     assert E.level_for_pixel_size(st, 1, 800.0) == 1  # zoom grid of 400 m cells
     assert E.max_level(st, 1) == 4
+
+
+def test_levels_command_builds_an_old_stores_levels(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    synthetic_store(tmp_path / "s.zarr", 20, 20)
+    shutil.rmtree(tmp_path / "s.zarr" / L.GROUP)
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "psm_mapping.cli", "levels", str(tmp_path / "s.zarr"), "--quiet"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr
+    assert "levels 1..3 stored for 9 blocks" in p.stdout
+    assert L.has_levels(EmbeddingStore.open(str(tmp_path / "s.zarr")))

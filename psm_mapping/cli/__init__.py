@@ -18,6 +18,7 @@ from .base import error_line
 COMMANDS: dict[str, str] = {
     "query": "map:cmd_query",
     "info": "info:cmd_info",
+    "levels": "levels:cmd_levels",
     "weights": "weights:cmd_weights",
     "convert": "convert:cmd_convert",
     "serve": "serve:cmd_serve",

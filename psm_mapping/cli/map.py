@@ -54,7 +54,7 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
 def map_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="psm-map",
-        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, serve, info, "
+        description="Soundscape maps from satellite imagery with PSM. Subcommands: query, points, zonal, serve, info, levels, "
                     "weights, convert, evaluate, build-shards, train (psm-map SUBCOMMAND -h).")
     p.add_argument("region", nargs="?", help="region file (GeoJSON, GPKG, Shapefile, ...)")
     p.add_argument("--bbox", help="W,S,E,N in degrees instead of a region file")

@@ -36,7 +36,7 @@ from pyproj import CRS
 from ..errors import InputError, OutputError
 from .results import MapBand, MapResult, full_tags, safe_name
 from .staging import Stage, is_local, local_path, raw_bytes, staged_all
-from .cube_result import CUBE_SOURCE, CubeResult, build_cube_result, cube_tags  # noqa: F401  (public here too)
+from .cube_result import CUBE_SOURCE, CubeResult, _as_map, build_cube_result, cube_tags  # noqa: F401  (public here too)
 
 #: bands past which one multi-band COG is refused (use Zarr or the folder layout)
 MAX_COG_BANDS = 200
@@ -71,7 +71,7 @@ def cube_dataset(result: CubeResult):
                               "y": ("y", t.f + (np.arange(h) + 0.5) * t.e),
                               "zoom": ("zoom", np.asarray(result.zoom_levels, np.int32))}
     if result.months is not None:
-        from ..cube import MONTH_NAMES
+        from .labels import MONTH_NAMES
 
         coords["month"] = ("month", np.asarray(result.months, np.int32))
         coords["month_name"] = ("month", np.asarray([MONTH_NAMES[m - 1] for m in result.months]))
@@ -113,12 +113,6 @@ def cube_dataset(result: CubeResult):
                                  "_FillValue": np.float32("nan"), "chunks": tuple(ch[d] for d in dims)})
         ds[var].attrs["_CRS"] = {"wkt": crs.to_wkt()}
     return ds
-
-
-def _as_map(result: CubeResult) -> MapResult:
-    """A MapResult with the cube's tags and georeferencing (for the shared tag helpers)."""
-    bands = [MapBand(v.name, v.data[0, 0], v.description, v.kind, v.query) for v in result.variables]
-    return MapResult(bands, result.crs, result.transform, dict(result.tags), result.region_geojson)
 
 
 # --------------------------------------------------------------------------- COG

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cube import MONTH_NAMES, setting_label
+from .labels import MONTH_NAMES, setting_label
 from .preview import _asset, _font, block_mean, colorize, value_range
 from .results import COLORMAPS, safe_name
 
@@ -142,7 +142,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
     staging: :func:`~psm_mapping.outputs.cube.write_cube_outputs` stages it). Returns the names."""
     from tqdm.auto import tqdm
 
-    from .cube import cube_tags
+    from .cube_result import cube_tags
     from .results import full_tags
 
     out.mkdir()
@@ -172,7 +172,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
 
 
 def _map_like(result):
-    from .cube import _as_map
+    from .cube_result import _as_map
 
     return _as_map(result)
 

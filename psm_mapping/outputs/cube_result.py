@@ -174,3 +174,9 @@ def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool 
 
 
 # --------------------------------------------------------------------------- Zarr
+
+
+def _as_map(result: CubeResult) -> MapResult:
+    """A MapResult with the cube's tags and georeferencing (for the shared tag helpers)."""
+    bands = [MapBand(v.name, v.data[0, 0], v.description, v.kind, v.query) for v in result.variables]
+    return MapResult(bands, result.crs, result.transform, dict(result.tags), result.region_geojson)

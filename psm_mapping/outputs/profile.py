@@ -52,7 +52,7 @@ def heatmap_png(profile, title: str = "") -> bytes:
     """Panels (query x zoom) of similarity over months (rows) x hours (columns)."""
     from PIL import Image, ImageDraw
 
-    from ..cube import MONTH_NAMES
+    from .labels import MONTH_NAMES
 
     ax = profile.axes
     months = ax.months if ax.months is not None else (ax.month,)
