@@ -111,6 +111,7 @@ class Explorer(LevelCells):
         self._slots = threading.BoundedSemaphore(COMPUTE_SLOTS)
         self._model_lock = threading.Lock()
         self._refusions: dict[tuple, Any] = {}
+        self._windows: dict | None = None
         self._audio: dict[str, tuple[Path, str]] = {}
         self._audio_dir = Path(tempfile.mkdtemp(prefix="psm-serve-audio-"))
         self.ranges: dict[tuple, dict] = {}
@@ -253,20 +254,34 @@ class Explorer(LevelCells):
                                f"lat {s:.5f}..{n:.5f}): click inside its outline")
         return int(row), int(col)
 
-    def _point_block(self, q: QuerySpec, zi: int, br: int, bc: int) -> tuple[np.ndarray, np.ndarray]:
-        """Similarity and uncertainty of output block ``(br, bc)`` at zoom ``zi``, full resolution,
-        computed as the map's writers compute it (:func:`psm_mapping.maps.map_windows`: the same
-        window, so the same float arithmetic as ``psm-map query``)."""
-        from ..engine import Window, window_similarity
+    def _map_window(self, row: int, col: int):
+        """The window of :func:`psm_mapping.maps.output_windows` (what ``psm-map query`` computes
+        at once) that holds pixel ``(row, col)``."""
+        import bisect
+
+        from ..maps import output_windows
+
+        if self._windows is None:
+            by_row: dict[int, list] = {}
+            for w in output_windows(self.store):
+                by_row.setdefault(w.row_off, []).append(w)
+            self._windows = by_row
+        ws = self._windows[row - row % self.store.spec.block_size]
+        return ws[bisect.bisect_right([w.col_off for w in ws], col) - 1]
+
+    def _point_window(self, q: QuerySpec, zi: int, w) -> tuple[np.ndarray, np.ndarray]:
+        """Similarity and uncertainty of map window ``w`` at zoom ``zi``, full resolution, computed
+        as the map's writers compute it (the same window: the same float arithmetic as ``psm-map
+        query``); cached."""
+        from ..engine import window_similarity
 
         def compute():
-            spec, bs = self.store.spec, self.store.spec.block_size
-            w = Window(br * bs, bc * bs, min(bs, spec.height - br * bs), min(bs, spec.width - bc * bs))
             with self._slots:
                 r = window_similarity(self.store, zi, w, self.embedding(q)[1], refusion=self.refusion(q))
             return r.similarity[0], r.uncertainty
 
-        return self.once.get_or_compute(self.chunks, ("point", q.query_key, q.md_key, zi, br, bc), compute)
+        return self.once.get_or_compute(self.chunks, ("point", q.query_key, q.md_key, zi, w.row_off, w.col_off),
+                                        compute)
 
     def point(self, q: QuerySpec, lon: float, lat: float) -> dict:
         """Values of ``q`` at one pixel, every zoom at full resolution (equal to ``psm-map query``)."""
@@ -274,11 +289,11 @@ class Explorer(LevelCells):
         cx, cy = self.transform @ (col + 0.5, row + 0.5)
         clon, clat = self.to_lonlat.transform(cx, cy)
         sims, uncs = [], []
-        bs = self.store.spec.block_size
+        w = self._map_window(row, col)
         for zi in range(len(self.zoom_levels)):
-            s, u = self._point_block(q, zi, row // bs, col // bs)
-            sims.append(float(s[row % bs, col % bs]))
-            uncs.append(float(u[row % bs, col % bs]))
+            s, u = self._point_window(q, zi, w)
+            sims.append(float(s[row - w.row_off, col - w.col_off]))
+            uncs.append(float(u[row - w.row_off, col - w.col_off]))
         with np.errstate(invalid="ignore"):
             sims.append(float(np.nanmean(sims)) if np.isfinite(sims).any() else float("nan"))
             uncs.append(float(np.nanmean(uncs)) if np.isfinite(uncs).any() else float("nan"))
@@ -312,7 +327,8 @@ class Explorer(LevelCells):
         prov.update(metadata_tags(self.model, md))
         return write_cog(build_map_result(maps, self.store, prov, None, score=score), path, overwrite=True)
 
-    # ------------------------------------------------------------------ footprint and info
+    # ------------------------------------------------------------------ info
+    def info(self) -> dict:
         spec = self.store.spec
         epsg = self.crs.to_epsg()
         prov = self.store.attrs.get("provenance", {})
