@@ -236,12 +236,15 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         resampling = (p.get("resampling") or "nearest").lower()
         if resampling not in ("nearest", "bilinear"):
             raise RequestError(f"resampling {resampling!r} is unknown: use nearest or bilinear")
+        vmin = vmax = None
         if fmt == "png":
             cm = colormap_of(p, band)
             vmin, vmax = _float("vmin", p.get("vmin")), _float("vmax", p.get("vmax"))
             key = (q.query_key, q.md_key, zi, band, vmin, vmax, cm, resampling, zz, xx, yy)
         else:
             key = (q.query_key, q.md_key, zi, band, fmt, resampling, zz, xx, yy)
+        # the colour range: for score values, and for colours not fully given by vmin/vmax
+        need_range = band == "score" or (fmt == "png" and (vmin is None or vmax is None))
         body = ex.tiles.get(key)
         timing = {}
         if body is None:
@@ -249,12 +252,11 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
             if q.text or q.audio:
                 ex.embedding(q)  # a new query's embedding (timed apart from the cells)
             t1 = time.perf_counter()
-            values = ex.tile_values(q, zi, band, zz, xx, yy, resampling)
-            lo, hi = ex.value_range(q, zi, band) if values is not None else (None, None)
+            values, (lo, hi) = ex.tile_and_range(q, zi, band, zz, xx, yy, resampling, need_range)
             if band == "score" and values is not None:  # 0..1 over the query's range
                 values = ex.to_score(values, lo, hi)
             if fmt == "png":
-                if values is None or lo is None:
+                if values is None or (need_range and lo is None):
                     body = b""
                 else:
                     if band == "score":

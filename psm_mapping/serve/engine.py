@@ -3,7 +3,7 @@ read window by window through :mod:`psm_mapping.engine`, byte-bounded caches; no
 
 * A tile reads the store level whose cell is the largest not coarser than the tile's pixel
   (rio-tiler's overview choice), over the tile's window only: the level's cells are computed in
-  chunks of :data:`CHUNK` x :data:`CHUNK` cells (similarity from the cells' averaged mean and
+  chunks of 64 to 128 cells a side (similarity from the cells' averaged mean and
   var_sum: the average of the full-resolution similarities under each cell), cached, and
   reprojected onto the tile (:func:`~psm_mapping.serve.tiles.warp_to_tile`).
 * A query's colour range comes from a coarse level (at most :data:`RANGE_CELLS` cells a side):
@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import AudioError, InputError
 from .cache import ByteLRU, Once
 from .requests import BANDS, MEAN, Jobs, QuerySpec, RequestError, whole, zoom_index
-from .planes import CHUNK, COMPUTE_SLOTS, LevelCells
+from .planes import COMPUTE_SLOTS, MAX_CHUNK, LevelCells
 from .tiles import warp_to_tile
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Explorer(LevelCells):
         # memory: what the process holds now (interpreter, libraries, model) + caches + computing
         self.memory_limit = int(memory_limit)
         self.baseline_rss = process_rss()
-        reserve = COMPUTE_SLOTS * CHUNK * CHUNK * (spec.fc_dim * 4 * 3 + 64)
+        reserve = COMPUTE_SLOTS * MAX_CHUNK * MAX_CHUNK * (spec.fc_dim * 4 * 3 + 64)
         budget = max(64 << 20, self.memory_limit - self.baseline_rss - reserve)
         self.cache_budget = int(budget)
         self.chunks = ByteLRU(int(budget * 0.8), "similarity chunks")

@@ -4,7 +4,7 @@ colour ranges from a coarse level (:class:`LevelCells`, a part of
 
 A tile reads the store level whose cell is the largest not coarser than the tile's pixel
 (rio-tiler's overview choice, :func:`psm_mapping.engine.level_for_pixel_size`), over the tile's
-window only. A level's cells are computed in chunks of :data:`CHUNK` x :data:`CHUNK` (their
+window only. A level's cells are computed in chunks of 64 to 128 cells a side (their
 similarity from the cells' averaged mean and var_sum, which is the average of the
 full-resolution similarities under each cell), kept in a byte-bounded cache, and reprojected
 onto the tile with rasterio. A query's colour range is the min/max over a coarse level (at most
@@ -20,8 +20,10 @@ import numpy as np
 from .requests import MEAN, QuerySpec
 from .tiles import tile_target, warp_to_tile
 
-#: level cells per side of one cached chunk of similarity (or uncertainty) values
-CHUNK = 64
+#: level cells per side of one cached chunk of similarity (or uncertainty) values: at least
+#: CHUNK, and the store's chunks of that level (its blocks' cells) up to MAX_CHUNK, so that a
+#: store chunk is decoded once, not once per explorer chunk
+CHUNK, MAX_CHUNK = 64, 128
 #: the colour range's level: the finest with at most this many cells a side
 RANGE_CELLS = 128
 #: chunks computed at once (each holds its cells' means while it runs: bounds transient memory)
@@ -40,7 +42,7 @@ class LevelCells:
 
     def _chunk(self, q: QuerySpec, zi: int, level: int, ci: int, cj: int, band: str) -> np.ndarray:
         """float32 values (similarity or uncertainty; NaN: nothing computed) of level cells
-        ``ci*CHUNK ..`` x ``cj*CHUNK ..`` of zoom ``zi``."""
+        ``ci*n ..`` x ``cj*n ..`` of zoom ``zi`` (``n``: :meth:`chunk_side`)."""
         from ..engine import Window, read_plane, similarity
 
         unc = band == "uncertainty"
@@ -49,8 +51,9 @@ class LevelCells:
         def compute():
             spec = self.store.spec
             cell, hk, wk = self._grid(zi, level)
-            r0, c0 = ci * CHUNK * cell, cj * CHUNK * cell
-            w = Window(r0, c0, min(spec.height, r0 + CHUNK * cell) - r0, min(spec.width, c0 + CHUNK * cell) - c0)
+            n = self.chunk_side(level)
+            r0, c0 = ci * n * cell, cj * n * cell
+            w = Window(r0, c0, min(spec.height, r0 + n * cell) - r0, min(spec.width, c0 + n * cell) - c0)
             matrix = None if unc else self.embedding(q)[1]
             jid = self.jobs.start(f"{'re-fused ' if self.needs_refusion(q) else ''}zoom {self.zoom_levels[zi]} "
                                   f"level {level} cells")
@@ -69,6 +72,10 @@ class LevelCells:
 
         return self.once.get_or_compute(self.chunks, key, compute)
 
+    def chunk_side(self, level: int) -> int:
+        """Level cells per side of one cached chunk at ``level``."""
+        return max(CHUNK, min(MAX_CHUNK, self.store.spec.block_size >> level))
+
     def cells(self, q: QuerySpec, zi: int, level: int, rows: slice | None = None, cols: slice | None = None,
               band: str = "similarity") -> np.ndarray:
         """float32 ``[rows, cols]`` values of zoom ``zi``'s level-``level`` cells (default: all)."""
@@ -76,14 +83,15 @@ class LevelCells:
         rows, cols = rows or slice(0, hk), cols or slice(0, wk)
         out = np.full((rows.stop - rows.start, cols.stop - cols.start), np.nan, np.float32)
         kind = "uncertainty" if band == "uncertainty" else "similarity"
-        ids = [(ci, cj) for ci in range(rows.start // CHUNK, (rows.stop - 1) // CHUNK + 1)
-               for cj in range(cols.start // CHUNK, (cols.stop - 1) // CHUNK + 1)]
+        n = self.chunk_side(level)
+        ids = [(ci, cj) for ci in range(rows.start // n, (rows.stop - 1) // n + 1)
+               for cj in range(cols.start // n, (cols.stop - 1) // n + 1)]
         if len(ids) > 1:  # chunks not cached yet compute side by side (COMPUTE_SLOTS at a time)
             chunks = list(_pool().map(lambda ij: self._chunk(q, zi, level, *ij, kind), ids))
         else:
             chunks = [self._chunk(q, zi, level, *ids[0], kind)]
         for (ci, cj), ch in zip(ids, chunks):
-            a0, b0 = ci * CHUNK, cj * CHUNK
+            a0, b0 = ci * n, cj * n
             r = slice(max(rows.start, a0), min(rows.stop, a0 + ch.shape[0]))
             c = slice(max(cols.start, b0), min(cols.stop, b0 + ch.shape[1]))
             out[r.start - rows.start:r.stop - rows.start, c.start - cols.start:c.stop - cols.start] = \
@@ -177,6 +185,16 @@ class LevelCells:
                            resampling)
         return out if np.isfinite(out).any() else None
 
+    def tile_and_range(self, q: QuerySpec, zi: int | str, band: str, z: int, x: int, y: int,
+                       resampling: str = "nearest", need_range: bool = True):
+        """``(tile values or None, (lo, hi))``: a new query's colour range is computed beside the
+        tile's cells (``need_range=False``: ``(None, None)``, e.g. a float tile of similarity)."""
+        if not need_range:
+            return self.tile_values(q, zi, band, z, x, y, resampling), (None, None)
+        fut = _pool("ranges").submit(self.value_range, q, zi, band)
+        values = self.tile_values(q, zi, band, z, x, y, resampling)
+        return values, fut.result()
+
     def to_score(self, values, lo: float | None, hi: float | None):
         """Values rescaled 0..1 over ``lo..hi`` (float32, as ``psm-map query --score``)."""
         if lo is None:
@@ -208,16 +226,17 @@ class LevelCells:
         return {"type": "FeatureCollection", "features": feats}
 
 
-_POOL = None
+_POOLS: dict = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _pool():
-    """The threads that compute a request's chunks side by side (shared by all requests)."""
-    global _POOL
+def _pool(name: str = "chunks"):
+    """Threads shared by all requests: ``chunks`` compute a request's chunks side by side;
+    ``ranges`` compute a new query's colour range beside its first tile (their own pool: a range
+    submits chunks, and a pool never waits on its own tasks)."""
     with _POOL_LOCK:
-        if _POOL is None:
+        if name not in _POOLS:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = ThreadPoolExecutor(COMPUTE_SLOTS * 2, thread_name_prefix="psm-chunks")
-        return _POOL
+            _POOLS[name] = ThreadPoolExecutor(COMPUTE_SLOTS * 2, thread_name_prefix=f"psm-{name}")
+        return _POOLS[name]
