@@ -460,7 +460,8 @@ def test_caches_are_byte_bounded_and_answers_do_not_depend_on_them(built):
     large = Explorer(str(built["store"]), memory_limit=8e9, **kw)
     try:
         assert small.cache_budget == 64 << 20 and large.cache_budget > 1 << 30
-        assert small.chunks.max_bytes + small.tiles.max_bytes + small.embeddings.max_bytes <= (64 << 20) + (8 << 20)
+        caches = (small.planes, small.chunks, small.tiles, small.embeddings)
+        assert sum(c.max_bytes for c in caches) <= (64 << 20) + (8 << 20)
         lon, lat = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True).transform(*CENTRE)
         t = TMS.tile(lon, lat, 16)
         for ex in (small, large):

@@ -234,3 +234,19 @@ def test_colour_range_comes_from_a_coarse_level(synth):
         assert entry["similarity"]["max"] == pytest.approx(float(np.nanmax(cells)), abs=2e-5)
         assert entry["valid_pixels"] == W * H - sum(1 for (zi, _, _) in HOLES if ZOOMS[zi] == z)
     assert d["approximate"] is False
+
+
+def test_download_larger_than_the_memory_limit_is_refused_with_the_fix(synth, tiny_ckpt, tokenizer_dir, tmp_path):
+    """The download builds the map in memory: over half the memory limit it is a 413 naming the
+    streamed command, never an out-of-memory server."""
+    from psm_mapping.serve.engine import Explorer, RequestError
+
+    ex = Explorer(str(synth["store"]), checkpoint=str(tiny_ckpt), clap_config=str(synth["root"] / "clap.json"),
+                  tokenizer=str(tokenizer_dir), memory_limit=1e6)
+    try:
+        with pytest.raises(RequestError) as e:
+            ex.export_cog(ex.query_spec("birds"), tmp_path / "x.tif")
+        assert e.value.status == 413 and "psm-map query" in str(e.value) and "memory" in str(e.value)
+        assert not (tmp_path / "x.tif").exists()
+    finally:
+        ex.close()

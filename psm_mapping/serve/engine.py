@@ -103,8 +103,9 @@ class Explorer(LevelCells):
         reserve = COMPUTE_SLOTS * MAX_CHUNK * MAX_CHUNK * (spec.fc_dim * 4 * 3 + 64)
         budget = max(64 << 20, self.memory_limit - self.baseline_rss - reserve)
         self.cache_budget = int(budget)
-        self.chunks = ByteLRU(int(budget * 0.8), "similarity chunks")
-        self.tiles = ByteLRU(int(budget * 0.15), "tiles")
+        self.planes = ByteLRU(int(budget * 0.55), "store cells")
+        self.chunks = ByteLRU(int(budget * 0.3), "similarity chunks")
+        self.tiles = ByteLRU(int(budget * 0.1), "tiles")
         self.embeddings = ByteLRU(max(8 << 20, int(budget * 0.05)), "query embeddings")
         self.once = Once()
         self.jobs = Jobs()
@@ -315,6 +316,15 @@ class Explorer(LevelCells):
         from ..query import query_store
         from ..run import metadata_tags
 
+        spec = self.store.spec
+        # the map is built in memory before the COG is written: similarity (and score) and
+        # uncertainty per zoom, float32, about twice over while writing
+        need = len(self.zoom_levels) * spec.height * spec.width * 4 * (3 if score else 2) * 2
+        if need > self.memory_limit // 2:
+            raise RequestError(f"the download of this store's map needs about {need / 1e6:,.0f} MB, over half "
+                               f"of --memory-limit ({self.memory_limit / 1e6:,.0f} MB): write it with `psm-map "
+                               f"query {self.store_url} --query TEXT --out map.tif` (streamed), or restart the "
+                               "server with a larger --memory-limit", 413)
         query, _ = self.embedding(q)
         md = self.metadata(q)
         jid = self.jobs.start("the map for the download")
@@ -351,10 +361,10 @@ class Explorer(LevelCells):
 
     @property
     def held_bytes(self) -> int:
-        return sum(c.bytes for c in (self.chunks, self.tiles, self.embeddings))
+        return sum(c.bytes for c in (self.planes, self.chunks, self.tiles, self.embeddings))
 
     def stats(self) -> dict:
-        return {"caches": {c.name: c.stats() for c in (self.chunks, self.tiles, self.embeddings)},
+        return {"caches": {c.name: c.stats() for c in (self.planes, self.chunks, self.tiles, self.embeddings)},
                 "held_bytes": self.held_bytes, "cache_budget": self.cache_budget,
                 "baseline_rss": self.baseline_rss, "rss": process_rss(), "load_seconds": round(self.load_seconds, 3),
                 "computed": [{"key": repr(k), "times": v} for k, v in self.once.computed.items()],

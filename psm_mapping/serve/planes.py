@@ -14,6 +14,7 @@ extremes a little on large stores, and a store that small is read at full resolu
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,36 +41,46 @@ class LevelCells:
         g = self.store.zoom_group(zi)
         return g.factor << level, -(-g.height // (1 << level)), -(-g.width // (1 << level))
 
-    def _chunk(self, q: QuerySpec, zi: int, level: int, ci: int, cj: int, band: str) -> np.ndarray:
-        """float32 values (similarity or uncertainty; NaN: nothing computed) of level cells
-        ``ci*n ..`` x ``cj*n ..`` of zoom ``zi`` (``n``: :meth:`chunk_side`)."""
-        from ..engine import Window, read_plane, similarity
-
-        unc = band == "uncertainty"
-        key = ("uncertainty" if unc else "similarity", None if unc else q.query_key, q.md_key, zi, level, ci, cj)
+    def _plane(self, q: QuerySpec, zi: int, level: int, ci: int, cj: int) -> "_Cells":
+        """The store's cells (means, var_sum, uncertainty, ok) of chunk ``(ci, cj)`` of zoom
+        ``zi``'s level ``level`` with ``q``'s month/hour, cached: a new query over the cells seen
+        last (the same view, another sound) reads nothing from the store."""
+        from ..engine import Window, read_plane
 
         def compute():
             spec = self.store.spec
-            cell, hk, wk = self._grid(zi, level)
+            cell = self._grid(zi, level)[0]
             n = self.chunk_side(level)
             r0, c0 = ci * n * cell, cj * n * cell
             w = Window(r0, c0, min(spec.height, r0 + n * cell) - r0, min(spec.width, c0 + n * cell) - c0)
-            matrix = None if unc else self.embedding(q)[1]
             jid = self.jobs.start(f"{'re-fused ' if self.needs_refusion(q) else ''}zoom {self.zoom_levels[zi]} "
                                   f"level {level} cells")
             try:
                 with self._slots:
-                    plane = read_plane(self.store, zi, w, level, refusion=self.refusion(q), with_mean=not unc)
-                    u = np.where(plane.ok, plane.uncertainty, np.float32(np.nan)).astype(np.float32)
-                    if unc:
-                        return u
-                    s = similarity(plane.mean, plane.var_sum, matrix)[0].astype(np.float32, copy=False)
-                    s[~plane.ok] = np.nan
+                    p = read_plane(self.store, zi, w, level, refusion=self.refusion(q))
             finally:
                 self.jobs.end(jid)
-            self.chunks.put(("uncertainty", None, q.md_key, zi, level, ci, cj), u)  # read anyway
+            unc = np.where(p.ok, p.uncertainty, np.float32(np.nan)).astype(np.float32)
+            return _Cells(p.mean, np.asarray(p.var_sum, np.float32), unc, np.asarray(p.ok, bool))
+
+        return self.once.get_or_compute(self.planes, ("plane", q.md_key, zi, level, ci, cj), compute)
+
+    def _chunk(self, q: QuerySpec, zi: int, level: int, ci: int, cj: int, band: str) -> np.ndarray:
+        """float32 values (similarity or uncertainty; NaN: nothing computed) of level cells
+        ``ci*n ..`` x ``cj*n ..`` of zoom ``zi`` (``n``: :meth:`chunk_side`), cached."""
+        from ..engine import similarity
+
+        if band == "uncertainty":
+            return self._plane(q, zi, level, ci, cj).uncertainty
+
+        def compute():
+            matrix = self.embedding(q)[1]
+            c = self._plane(q, zi, level, ci, cj)
+            s = similarity(c.mean, c.var_sum, matrix)[0].astype(np.float32, copy=False)
+            s[~c.ok] = np.nan
             return s
 
+        key = ("similarity", q.query_key, q.md_key, zi, level, ci, cj)
         return self.once.get_or_compute(self.chunks, key, compute)
 
     def chunk_side(self, level: int) -> int:
@@ -224,6 +235,21 @@ class LevelCells:
             g = shp_transform(lambda x, y: self.to_lonlat.transform(x, y), g.segmentize(abs(t.a) * 16))
             feats.append({"type": "Feature", "properties": {"name": "store footprint"}, "geometry": mapping(g)})
         return {"type": "FeatureCollection", "features": feats}
+
+
+@dataclass
+class _Cells:
+    """One chunk of level cells as the store holds them (``mean`` float16 at level 0, float32
+    averages above; NaN where nothing was computed)."""
+
+    mean: np.ndarray
+    var_sum: np.ndarray
+    uncertainty: np.ndarray
+    ok: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.mean.nbytes + self.var_sum.nbytes + self.uncertainty.nbytes + self.ok.nbytes)
 
 
 _POOLS: dict = {}
