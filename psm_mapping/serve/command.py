@@ -43,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser")
     p.add_argument("--memory-limit", type=_gb, default=1.5, metavar="GB",
-                   help="the server's memory target (default 1.5 GB): the caches of computed tiles get "
+                   help="the server's memory target (default 1.5 GB): the caches get half of "
                         "what the model leaves of it; any store size (tiles read only their window)")
     p.add_argument("--max-upload", type=_mb, default=20.0, metavar="MB", help="largest audio upload (default 20 MB)")
     p.add_argument("--basemap", default=None, metavar="URL|none",

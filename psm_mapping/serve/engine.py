@@ -61,9 +61,10 @@ def process_rss() -> int:
 class Explorer(LevelCells):
     """A store opened for answering; tiles, points, ranges and exports from caches.
 
-    ``memory_limit`` (bytes): the server's memory target. The caches (similarity chunks, rendered
-    tiles, query embeddings) share what is left of it after the model is loaded, less a reserve
-    for the chunks being computed (at least 64 MB in all)."""
+    ``memory_limit`` (bytes): the server's memory target. The caches (store cells, similarity
+    chunks, rendered tiles, query embeddings) share half of what is left of it after the model is
+    loaded, less a reserve for the chunks being computed (at least 64 MB in all); the other half
+    is for reads in flight and the allocator's slack."""
 
     def __init__(self, store_url: str, checkpoint: str | None = None, clap_config: str | None = None,
                  tokenizer: str | None = None, device: str = "cpu", dtype: str = "auto",
@@ -101,7 +102,9 @@ class Explorer(LevelCells):
         self.memory_limit = int(memory_limit)
         self.baseline_rss = process_rss()
         reserve = COMPUTE_SLOTS * MAX_CHUNK * MAX_CHUNK * (spec.fc_dim * 4 * 3 + 64)
-        budget = max(64 << 20, self.memory_limit - self.baseline_rss - reserve)
+        # half of what the loaded model leaves: the other half is for reads in flight (a point
+        # computes its map window, up to 64 MB of means) and the allocator's slack
+        budget = max(64 << 20, (self.memory_limit - self.baseline_rss) // 2 - reserve)
         self.cache_budget = int(budget)
         self.planes = ByteLRU(int(budget * 0.55), "store cells")
         self.chunks = ByteLRU(int(budget * 0.3), "similarity chunks")
