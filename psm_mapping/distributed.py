@@ -27,10 +27,10 @@ import numpy as np
 
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
 from .cluster import TorchThreads, connect  # noqa: F401  (public here too)
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, StoreError
 from .grid import Block, OutputGrid
-from .query import QueryMaps, Query, prepare_query, query_block
-from .store import DONE, EmbeddingStore
+from .query import QueryMaps, Query, prepare_query
+from .store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -292,66 +292,53 @@ def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, j
 
 
 # --------------------------------------------------------------------------- queries
-def _query_chunk(url: str, storage_options: dict, block: Block, qmat, mask, job: BlockJob | None,
+def _query_chunk(url: str, storage_options: dict, window, qmat, mask, job: BlockJob | None,
                  metadata: dict | None) -> np.ndarray:
-    """Runs on a worker: ``[Q + 1, Z, h, w]`` = similarity per query, then uncertainty."""
+    """Runs on a worker: ``[Q + 1, Z, h, w]`` = similarity per query, then uncertainty, of one
+    output-grid window (:func:`psm_mapping.maps.window_maps`: every zoom, scale-true ones resampled)."""
     import torch
+
+    from .engine import QueryMatrix, Refusion
+    from .maps import _window_chunk
 
     store = _CACHE.store(url, storage_options)
     qm, qvs = qmat
-    model = None
-    md = None
+    refusion = None
     if job is not None:
         model, _ = _CACHE.model(job)
-        md = MetadataOptions(**metadata)
-    sim, unc = query_block(store, block, torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs),
-                           model=model, metadata=md)
-    out = np.concatenate([sim, unc[None]], axis=0).astype(np.float32)
-    out[:, store.status(block) != DONE] = np.nan  # never computed, or a read fault
-    if mask is not None:
-        out[:, :, ~mask] = np.nan
-    return out
+        refusion = Refusion(model, MetadataOptions(**metadata), store)
+    q = QueryMatrix(torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs))
+    return _window_chunk(store, q, refusion, window, mask).astype(np.float32, copy=False)
 
 
 def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: np.ndarray | None = None,
                      metadata: MetadataOptions | None = None, job: BlockJob | None = None,
                      storage_options: dict | None = None, model=None) -> QueryMaps:
-    """:func:`psm_mapping.query.query_store` as lazy dask arrays, one task per done block.
+    """:func:`psm_mapping.query.query_store` as lazy dask arrays, one task per window
+    (:func:`psm_mapping.maps.lazy_maps`) run on the workers, dense and scale-true stores alike.
 
     ``mask`` [H, W]: NaN outside it. ``job``: where workers load the model if the metadata differ
-    from the store's and fusion must re-run from ``z_img``. A store with zooms on their own grids
-    (scale-true) is small per zoom: it is queried here (``model`` re-runs fusion), eagerly."""
+    from the store's and fusion must re-run from ``z_img``."""
     import dask
-    import dask.array as da
 
-    from .query import query_store
+    from .maps import lazy_maps
 
     spec = store.spec
-    if not spec.dense:
-        maps = query_store(store, queries, model=model, metadata=metadata)
-        if mask is not None:
-            for a in (*maps.similarity, maps.uncertainty):
-                a[:, ~mask] = np.nan
-        return maps
-    qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=job is not None)
-    qmat = dask.delayed((qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float32)),
+    qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=job is not None or model is not None)
+    if rerun and job is None:
+        raise StoreError("fusion re-runs on the workers need the checkpoint: pass a BlockJob")
+    qmat = dask.delayed((qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float64)),
                         pure=True)
-    Q, Z = len(queries), len(spec.zoom_levels)
-    done = store.done_mask()
     md = metadata.as_dict() if rerun else None
-    rows: list[list] = []
-    for b in store.iter_blocks():
-        if b.index[1] == 0:
-            rows.append([])
-        shape = (Q + 1, Z, b.height, b.width)
-        m = None if mask is None else mask[b.slices]
-        if not done[b.index] or (m is not None and not m.any()):
-            rows[-1].append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
-            continue
-        d = dask.delayed(_query_chunk, pure=True)(store.url, storage_options or {}, b, qmat, m,
-                                                 job if rerun else None, md)
-        rows[-1].append(da.from_delayed(d, shape, dtype=np.float32))
-    arr = da.block(rows)
+    url, so = store.url, storage_options or {}
+
+    def task(w, m, key):
+        return dask.delayed(_query_chunk, pure=True)(url, so, w, qmat, m, job if rerun else None, md)
+
+    from .engine import QueryMatrix
+
+    arr = lazy_maps(store, QueryMatrix(qm, qvs), mask=mask, task=task)
+    Q = len(queries)
     return QueryMaps(tuple(spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
 
 

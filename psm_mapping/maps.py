@@ -79,3 +79,58 @@ def map_windows(store: EmbeddingStore, queries: QueryMatrix, refusion: Refusion 
                 nxt = pool.submit(_read, store, ws[i + 1], refusion, zs)
             sim, unc = _compute(store, w, planes, queries)
             yield w, sim, unc
+
+
+def chunk_windows(store: EmbeddingStore, chunk: int | None = None) -> list[list[Window]]:
+    """Rows of square windows of ``chunk`` pixels (default: the largest multiple of the block size
+    not over 256: 64 MB of float16 means per task), the chunks of :func:`lazy_maps`."""
+    bs = store.spec.block_size
+    c = int(chunk or max(bs, (256 // bs) * bs))
+    H, W = store.spec.height, store.spec.width
+    return [[Window(r, x, min(c, H - r), min(c, W - x)) for x in range(0, W, c)] for r in range(0, H, c)]
+
+
+def _window_chunk(store, queries, refusion, window, mask) -> np.ndarray:
+    sim, unc = window_maps(store, queries, window, refusion)
+    out = np.concatenate([sim, unc[None]], axis=0)
+    if mask is not None:
+        out[:, :, ~mask] = np.nan
+    return out
+
+
+def lazy_maps(store: EmbeddingStore, queries: QueryMatrix, refusion: Refusion | None = None,
+              mask: np.ndarray | None = None, chunk: int | None = None, task=None):
+    """The whole map as one lazy dask array ``[Q + 1, Z, H, W]`` (similarity per query, then
+    uncertainty), one task per window of :func:`chunk_windows`: a writer that computes it chunk
+    by chunk (the dask COG/Zarr writers) holds a few windows at a time, whatever the map's size.
+    ``mask`` [H, W]: NaN outside. ``task(window, mask, key)``: the chunk's dask Delayed (default:
+    :func:`window_maps` with this process's store and refusion, for the local threads;
+    :mod:`psm_mapping.distributed` passes one that opens the store on the workers)."""
+    import uuid
+
+    import dask
+    import dask.array as da
+
+    Q, Z = len(queries), len(store.spec.zoom_levels)
+    if task is None:
+        def task(w, m, key):
+            return dask.delayed(_window_chunk, pure=False)(store, queries, refusion, w, m, dask_key_name=key)
+    name = f"psm-window-{uuid.uuid4().hex[:12]}"  # the store and model are not hashed
+    rows = []
+    for i, row in enumerate(chunk_windows(store, chunk)):
+        rows.append([])
+        for j, w in enumerate(row):
+            shape = (Q + 1, Z, w.height, w.width)
+            m = None if mask is None else np.asarray(mask[w.slices], bool)
+            if m is not None and not m.any():
+                rows[-1].append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
+                continue
+            rows[-1].append(da.from_delayed(task(w, m, f"{name}-{i}-{j}"), shape, dtype=np.float32))
+    return da.block(rows)
+
+
+def counted_pixels(store: EmbeddingStore, zoom_index: int = 0) -> int:
+    """Pixels of a zoom's grid the store holds an embedding for (from its coarsest level: cheap)."""
+    from .engine import max_level, read_plane
+
+    return int(read_plane(store, zoom_index, None, max_level(store, zoom_index), with_mean=False).count.sum())

@@ -123,6 +123,34 @@ def query_store(store: EmbeddingStore, queries: Sequence[Query], model: PSM | No
     return QueryMaps(tuple(spec.zoom_levels), list(queries), sims, unc)
 
 
+def lazy_query_maps(store: EmbeddingStore, queries, model=None, metadata=None, mask: np.ndarray | None = None):
+    """:func:`psm_mapping.query.query_store` as a lazy :class:`~psm_mapping.query.QueryMaps`
+    (bands are dask arrays over :func:`lazy_maps`; fusion re-runs with ``model`` when ``metadata``
+    differ from the store's): the writers stream it, one window per task."""
+    from .maps import lazy_maps
+
+    qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=model is not None)
+    arr = lazy_maps(store, QueryMatrix(qm, qvs), Refusion(model, metadata, store) if rerun else None, mask=mask)
+    Q = len(queries)
+    return QueryMaps(tuple(store.spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
+
+
+#: a map whose arrays (similarity per query and zoom, uncertainty per zoom, float32) fit in this
+#: many bytes is computed in memory (fastest: one pass, the eager COG writer); a larger one is
+#: streamed window by window into the dask writers, so peak memory stays bounded at any size
+EAGER_MAX_BYTES = 512 << 20
+
+
+def answer_maps(store: EmbeddingStore, queries, model=None, metadata=None):
+    """The maps of ``queries`` over the whole store: in memory up to :data:`EAGER_MAX_BYTES`,
+    else lazy (:func:`lazy_query_maps`)."""
+    s = store.spec
+    nbytes = (len(queries) + 1) * len(s.zoom_levels) * s.height * s.width * 4
+    if nbytes <= EAGER_MAX_BYTES:
+        return query_store(store, queries, model=model, metadata=metadata)
+    return lazy_query_maps(store, queries, model=model, metadata=metadata)
+
+
 def query_zoom_grid(store: EmbeddingStore, zoom_index: int, qm: torch.Tensor, qvs: torch.Tensor | None,
                     model: PSM | None = None, metadata=None) -> tuple[np.ndarray, np.ndarray]:
     """Similarity ``[Q, H, W]`` and uncertainty ``[H, W]`` of one zoom on the output grid (a

@@ -462,8 +462,10 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
         from .cube import cube_maps
 
         maps = cube_maps(store, queries, model, md, cfg)
-    else:
-        maps = query_store(store, queries, model=model, metadata=md)
+    else:  # in memory when small, else streamed window by window into the writers (bounded memory)
+        from .query import answer_maps
+
+        maps = answer_maps(store, queries, model=model, metadata=md)
     prov.update(metadata_tags(model, md))
     fault_pixels = int((store.status() == FAULT).sum())
     if fault_pixels:  # holes from failed reads: the map says so (the map run retries them)
@@ -479,7 +481,13 @@ def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
                                 progress=cfg.progress)
     t2 = time.perf_counter()
     done = store.done_mask()
-    first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
+    if cfg.is_cube:
+        first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
+        pixels = int(np.isfinite(first).sum())
+    else:
+        from .maps import counted_pixels
+
+        pixels = counted_pixels(store)
     return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
-                               pixels=int(np.isfinite(first).sum()), blocks_total=int(done.sum()),
+                               pixels=pixels, blocks_total=int(done.sum()),
                                fault_pixels=fault_pixels)

@@ -378,7 +378,7 @@ class EmbeddingStore:
              zoom_index: int | slice = slice(None), where: str = "") -> np.ndarray:
         """``name[zoom, ys, xs(, :)]`` in one read (several chunks decode concurrently); a chunk
         that does not decode is a :class:`StoreError`."""
-        a = self.group[name]
+        a = self._array(name)
         try:
             return a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
         except Exception as exc:  # a chunk that does not decode (truncated, overwritten)
@@ -387,6 +387,13 @@ class EmbeddingStore:
                                     f"({type(exc).__name__}: {exc}): rerun the map command that "
                                     "built it (it recomputes corrupt blocks), or remove the store"
                                     ) from None
+
+    def _array(self, name: str):
+        """The Zarr array ``name``, opened once per store object (its metadata read once)."""
+        arrays = self.__dict__.setdefault("_arrays", {})
+        if name not in arrays:
+            arrays[name] = self.group[name]
+        return arrays[name]
 
     def iter_blocks(self) -> Iterator[Block]:
         """Every block of the store's grid (done or not), row-major; a store with zooms on their own

@@ -250,7 +250,7 @@ def test_query_store_dask_matches_local(inputs, reference, client):
     for md in (None, MetadataOptions(month=7, hour=3)):  # stored metadata, then fusion re-run on workers
         local = query_store(store, qs, model=model, metadata=md)
         lazy = query_store_dask(store, qs, metadata=md, job=job)
-        assert lazy.similarity[0].chunks[1] == (4,) * 3  # one chunk per store block
+        assert all(c % 4 == 0 for c in lazy.similarity[0].chunks[1][:-1])  # windows of whole store blocks
         for q in range(2):
             a, b = lazy.similarity[q].compute(), local.similarity[q]
             assert np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(np.abs(a - b)) < 1e-4

@@ -155,3 +155,31 @@ def test_refusion_exact_at_full_resolution_and_measured_at_levels(session, capsy
         assert e / spread < 0.25  # an approximation, but of the right field
     with capsys.disabled():
         print("\ncoarse re-fusion error (max abs, relative to the map's range):", errs)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_query_command_streams_the_map_and_equals_query_store(built, session, tmp_path, monkeypatch, streamed):
+    """`psm-map query` writes the map from lazy windows (dask writer, previews from the COG's
+    overviews): the same values as the in-memory path, a valid COG, a STAC Item."""
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from psm_mapping import query as M
+    from psm_mapping.query import query_store
+    from psm_mapping.run import map_from_store
+
+    if streamed:  # as a map too large for memory: lazy windows into the dask writer
+        monkeypatch.setattr(M, "EAGER_MAX_BYTES", 0)
+    cfg = MapConfig(queries=["birds singing"], out=str(tmp_path / "q.tif"), progress=False, previews=True,
+                    month=5)  # the store's metadata: no re-fusion
+    run = map_from_store(built["store"], cfg, log_fn=lambda *a: None)
+    assert cog_validate(str(tmp_path / "q.tif"))[0]
+    assert (tmp_path / "q.tif.stac.json").is_file() and (tmp_path / "q.tif.preview" / "index.html").is_file()
+    want = query_store(session.store, session.queries(["birds singing"]))
+    with rasterio.open(tmp_path / "q.tif") as src:
+        got = src.read()
+        desc = list(src.descriptions)
+    assert got.shape[0] == 2 + 2  # similarity per zoom, uncertainty per zoom
+    np.testing.assert_allclose(got[:2], want.similarity[0], rtol=0, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(got[2:], want.uncertainty, rtol=0, atol=0, equal_nan=True)
+    assert run.pixels == int(np.isfinite(want.similarity[0][0]).sum()) and desc[0]

@@ -51,6 +51,23 @@ def coarse(arrays: list, transform, max_px: int):
     return [np.asarray(a) for a in da.compute(*out)], transform * Affine.scale(f)
 
 
+def from_cog_overview(path, max_px: int):
+    """The bands of a written COG at its first overview whose longer side is at most ``max_px``
+    (GDAL's NaN-aware averages): (NumPy arrays, transform), the previews of a streamed map
+    without a second pass over its source. None when the COG has no such overview."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        if max(src.height, src.width) <= max_px:
+            return [a for a in src.read().astype(np.float32)], src.transform
+        factors = src.overviews(1)
+    for i, f in enumerate(factors):
+        with rasterio.open(path, overview_level=i) as o:
+            if max(o.height, o.width) <= max_px:
+                return [a for a in o.read().astype(np.float32)], o.transform
+    return None
+
+
 def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", previews: bool = True,
                   overwrite: bool = False, preview_dir: str | os.PathLike | None = None,
                   compress: str = "deflate", progress: bool = False, stac: bool = True) -> dict[str, Any]:
@@ -67,10 +84,16 @@ def write_outputs(result: MapResult, out: str | os.PathLike, fmt: str = "cog", p
     small: dict[str, Any] = {}
 
     def small_arrays():
-        """The arrays previews and the STAC geometry are drawn from (block means of dask bands)."""
+        """The arrays previews and the STAC geometry are drawn from: dask bands' block means, read
+        from the written COG's overviews (no second pass over what computes them) or computed."""
         if "a" not in small:
-            small["a"], small["t"] = (coarse(arrays, result.transform, _preview.MAX_OVERLAY_PX) if lazy
-                                      else (arrays, result.transform))
+            got = None
+            if lazy and fmt == "cog" and map_stage is not None and map_stage.tmp.exists():
+                got = from_cog_overview(map_stage.tmp, _preview.MAX_OVERLAY_PX)
+            if got is None:
+                got = (coarse(arrays, result.transform, _preview.MAX_OVERLAY_PX) if lazy
+                       else (arrays, result.transform))
+            small["a"], small["t"] = got
         return small["a"], small["t"]
 
     local = is_local(out)
