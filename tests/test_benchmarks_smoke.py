@@ -1,11 +1,13 @@
 """Benchmarks cannot rot: every ``benchmarks/bench_*.py`` runs at its ``--smoke`` size as a real
-subprocess, exits 0 and prints its numbers (a number with a unit: ms, s, x, %, GB, px/s, ...).
+subprocess, exits 0 and prints its numbers (a number with a unit: ms, s, x, %, GB, px/s, ...; or
+a JSON object of results with a number in it).
 
 Parametrised over the glob, so a new benchmark is covered the moment it lands (and must have a
 ``--smoke`` flag). Sizes are the benchmarks' own ``--smoke`` sizes: seconds each.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,5 +36,15 @@ def test_benchmark_smoke(bench: Path, tmp_path):
                        text=True, timeout=600)
     tail = (p.stdout[-3000:] + "\n--- stderr ---\n" + p.stderr[-3000:])
     assert p.returncode == 0, f"{bench.name} --smoke exited {p.returncode}:\n{tail}"
-    assert NUMBER.search(p.stdout), f"{bench.name} --smoke printed no measured number:\n{tail}"
+    assert NUMBER.search(p.stdout) or any(_json_numbers(line) for line in p.stdout.splitlines()), \
+        f"{bench.name} --smoke printed no measured number:\n{tail}"
     assert "Traceback" not in p.stderr, tail
+
+
+def _json_numbers(line: str) -> bool:
+    """True when ``line`` is a JSON object holding a (non-boolean) number."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(d, dict) and any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
