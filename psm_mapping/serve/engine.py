@@ -119,6 +119,7 @@ class Explorer(LevelCells):
         self._audio: dict[str, tuple[Path, str]] = {}
         self._audio_dir = Path(tempfile.mkdtemp(prefix="psm-serve-audio-"))
         self.ranges: dict[tuple, dict] = {}
+        self._ranges_lock = threading.Lock()
         self._valid = [self._valid_pixels(zi) for zi in range(len(self.zoom_levels))] if preload else None
         if preload:  # the tiler's first use (imports, GDAL's projection set-up) before the first request
             warp_to_tile(np.zeros((2, 2), np.float32), self.transform, self.crs, 0, 0, 0)
@@ -356,11 +357,15 @@ class Explorer(LevelCells):
             "metadata_adjustable": self.metadata_adjustable, "stored_metadata": self.stored_md,
             "bands": list(BANDS), "tile_formats": ["png", "tif", "npy"], "means_in_memory": False,
             "memory_limit": self.memory_limit, "cache_budget": self.cache_budget, "held_bytes": self.held_bytes,
-            "max_upload_bytes": self.max_upload_bytes, "ranges": list(self.ranges.values()),
+            "max_upload_bytes": self.max_upload_bytes, "ranges": self._ranges_list(),
             # a demo checkpoint with random weights: the page says the map is meaningless
             "untrained": str(prov.get("untrained_weights", "")).lower() == "true"
             or bool(self.model.source.get("hyper_parameters", {}).get("untrained")),
         }
+
+    def _ranges_list(self) -> list[dict]:
+        with self._ranges_lock:
+            return list(self.ranges.values())
 
     @property
     def held_bytes(self) -> int:

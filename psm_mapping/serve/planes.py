@@ -140,10 +140,11 @@ class LevelCells:
         label = q.text or ""
         if q.audio:
             label = (label + " + " if label else "") + self._audio[q.audio][1]
-        self.ranges[key] = {"query": label, "band": kind, "month": q.month, "hour": q.hour,
-                            "zoom_level": MEAN if zi == MEAN else self.zoom_levels[zi], "min": lo, "max": hi}
-        while len(self.ranges) > 200:
-            self.ranges.pop(next(iter(self.ranges)))
+        with self._ranges_lock:  # request threads read and add ranges at once
+            self.ranges[key] = {"query": label, "band": kind, "month": q.month, "hour": q.hour,
+                                "zoom_level": MEAN if zi == MEAN else self.zoom_levels[zi], "min": lo, "max": hi}
+            while len(self.ranges) > 200:
+                self.ranges.pop(next(iter(self.ranges)))
         return lo, hi
 
     def _mean_of_zooms(self, q: QuerySpec, kind: str) -> np.ndarray:
