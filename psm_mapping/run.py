@@ -32,7 +32,8 @@ from .model.checkpoint import file_sha256
 from .outputs import build_map_result, describe_outputs, write_outputs
 from .query import build_queries, query_store
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
-from .session import compute_dtype, load_model, record_text_setup, reuse_text_setup  # noqa: F401
+from .session import (compute_dtype, load_model, metadata_tags, record_text_setup,  # noqa: F401
+                      reuse_text_setup)
 from .zoomgrid import zoom_factors, zoom_grid
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
@@ -93,12 +94,6 @@ def fault_message(fault_pixels: int) -> str:
     """The line that says a map has holes from failed reads, and how they heal."""
     return (f"{fault_pixels:,} pixel-zooms are masked (NaN) because imagery reads failed (tile "
             "server errors after retries): rerun the same command to retry exactly those")
-
-
-def metadata_tags(model, md: MetadataOptions) -> dict[str, str]:
-    """The ``fusion`` and ``metadata`` provenance tags of a map made with ``md``."""
-    return {"fusion": "on" if (md.fuse and model.config.uses_metadata) else "off",
-            "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)}
 
 
 def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptions, cfg: MapConfig) -> dict:

@@ -22,7 +22,7 @@ from .errors import StoreError
 log = logging.getLogger(__name__)
 
 __all__ = ["Session", "open_session", "load_model", "compute_dtype", "record_text_setup",
-           "reuse_text_setup", "check_checkpoint"]
+           "reuse_text_setup", "check_checkpoint", "metadata_tags"]
 
 
 def compute_dtype(dtype: str, device) -> str:
@@ -74,6 +74,12 @@ def reuse_text_setup(store, cfg) -> None:
         cfg.tokenizer = tok
     if not cfg.clap_config and store.attrs.get("clap_config"):
         cfg.clap_config = store.attrs["clap_config"]
+
+
+def metadata_tags(model, md) -> dict[str, str]:
+    """The ``fusion`` and ``metadata`` provenance tags of a map made with ``md``."""
+    return {"fusion": "on" if (md.fuse and model.config.uses_metadata) else "off",
+            "metadata": ", ".join(f"{k}={v}" for k, v in md.as_dict().items() if v is not None)}
 
 
 def check_checkpoint(ckpt, store, what: str = "store") -> str:

@@ -144,7 +144,7 @@ def score_points(cfg: PointsConfig | None = None, log_fn=print, **kw) -> PointsR
     from ..model.checkpoint import file_sha256
     from ..offline import set_offline
     from ..query import build_queries
-    from ..run import load_model, record_text_setup
+    from ..session import load_model, record_text_setup
     from .embed import ChipSource, ImageModel, PointTimings, fill_point_store
 
     cfg = cfg or PointsConfig(**kw)
@@ -208,7 +208,7 @@ def score_point_store(store_url: str, cfg: PointsConfig, log_fn=print) -> Points
     from ..model.checkpoint import file_sha256
     from ..offline import set_offline
     from ..query import build_queries
-    from ..run import load_model, reuse_text_setup
+    from ..session import load_model, reuse_text_setup
 
     t0 = time.perf_counter()
     cfg.validate()
@@ -243,7 +243,7 @@ def score_point_store(store_url: str, cfg: PointsConfig, log_fn=print) -> Points
     t1 = time.perf_counter()
     table, invalid = site_table(sites, inverse, store, model, queries, md)
     prov = {**dict(store.attrs.get("provenance", {})), **_table_tags(store, queries, store.spec.zoom_levels, model)}
-    from ..run import metadata_tags
+    from ..session import metadata_tags
 
     prov.update(metadata_tags(model, md))
     outputs = {}
@@ -402,7 +402,7 @@ def _crs_wkt(crs) -> str:
 
 def _provenance(model, sha: str, source, cfg: PointsConfig, md) -> dict:
     from .. import __version__
-    from ..run import metadata_tags
+    from ..session import metadata_tags
 
     tags = {"software": f"psm-mapping {__version__}", "model": "PSM (Khanal et al., ACM MM 2024)",
             "checkpoint": Path(model.source.get("path", "")).name, "checkpoint_sha256": sha,
