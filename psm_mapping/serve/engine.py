@@ -318,7 +318,7 @@ class Explorer(LevelCells):
         """The query's COG as ``psm-map query STORE --query TEXT`` writes it."""
         from ..outputs import build_map_result, write_cog
         from ..query import query_store
-        from ..run import metadata_tags
+        from ..session import metadata_tags
 
         spec = self.store.spec
         # the map is built in memory before the COG is written: similarity (and score) and
