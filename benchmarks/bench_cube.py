@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
+    p.add_argument("--smoke", action="store_true", help="an 8 px store, 2 settings, one batch of 1 (seconds)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.side, a.settings, a.batch_size, a.iters = 8, 2, 1, 1
     if a.threads:
         torch.set_num_threads(a.threads)
     from psm_mapping.cube import TimeAxes, cube_store

@@ -53,12 +53,12 @@ def _noop(i: int) -> int:
     return i
 
 
-def setup(folder: Path, side_blocks: int):
+def setup(folder: Path, side_blocks: int, embed_dim: int = 256, depth: int = 4):
     from pyproj import Transformer
 
     scene = folder / "scene.tif"
     write_scene(scene, UTM, LEFT, TOP, RES, SIZE, SIZE, seed=4)
-    ckpt = make_checkpoint(folder / "bench.ckpt", embed_dim=256, depth=4)
+    ckpt = make_checkpoint(folder / "bench.ckpt", embed_dim=embed_dim, depth=depth)
     half = side_blocks * BLOCK * STRIDE / 2 - 0.01
     cx, cy = LEFT + SIZE * RES / 2, TOP - SIZE * RES / 2
     tr = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True)
@@ -69,7 +69,8 @@ def setup(folder: Path, side_blocks: int):
     return scene, ckpt, grid
 
 
-def one_config(workers: int, torch_threads: int, scene, ckpt, grid, folder: Path, tag: str) -> dict:
+def one_config(workers: int, torch_threads: int, scene, ckpt, grid, folder: Path, tag: str,
+               empty_tasks: int = 200) -> dict:
     sha = file_sha256(ckpt)
     spec = StoreSpec.for_grid(grid, block_size=BLOCK, zoom_levels=(1,), checkpoint_sha256=sha,
                               imagery=str(scene), min_valid=0.5, fc_dim=512, probabilistic=True)
@@ -81,9 +82,9 @@ def one_config(workers: int, torch_threads: int, scene, ckpt, grid, folder: Path
     with connect(workers=workers, log_fn=lambda *a: None, torch_threads=torch_threads) as client:
         client.run(_warm, job)
         t0 = time.perf_counter()
-        futs = client.map(_noop, range(200), pure=False)
+        futs = client.map(_noop, range(empty_tasks), pure=False)
         client.gather(futs)
-        empty_s = (time.perf_counter() - t0) / 200
+        empty_s = (time.perf_counter() - t0) / empty_tasks
         del futs
         t0 = time.perf_counter()
         stats = compute_store_distributed(client, store, grid, job, BLOCK, retries=0, progress=False)
@@ -99,20 +100,25 @@ def one_config(workers: int, torch_threads: int, scene, ckpt, grid, folder: Path
             "read_s_per_block": sum(s.read_s for s in stats) / blocks}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--blocks-side", type=int, default=6, help="region side in blocks (6: 36 blocks)")
     ap.add_argument("--json", help="also write the results here")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the 2-worker cluster alone, 1 block, a 64-d 1-layer ViT")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.repeats, a.blocks_side = 1, 1
     print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        scene, ckpt, grid = setup(folder, a.blocks_side)
+        scene, ckpt, grid = setup(folder, a.blocks_side, *((64, 1) if a.smoke else (256, 4)))
         rows = []
         for r in range(a.repeats):
-            for workers, tt in ((1, 1), (2, 1)):
-                row = one_config(workers, tt, scene, ckpt, grid, folder, f"{r}-{workers}-{tt}")
+            # smoke: the 2-worker cluster alone (every code path; no speed-up to report)
+            for workers, tt in ((2, 1),) if a.smoke else ((1, 1), (2, 1)):
+                row = one_config(workers, tt, scene, ckpt, grid, folder, f"{r}-{workers}-{tt}",
+                                 empty_tasks=20 if a.smoke else 200)
                 row["repeat"] = r
                 rows.append(row)
                 print(f"[{r}] {workers} worker(s) x torch threads {tt}: {row['blocks']} blocks, "
@@ -121,8 +127,12 @@ def main() -> None:
                       f"s/block; overhead {1000 * row['overhead_per_block_s']:.0f} ms/block; "
                       f"empty task {1000 * row['empty_task_s']:.1f} ms; CPU share per worker "
                       f"{row['cpu_share']:.2f}", flush=True)
-        extra = one_config(1, 2, scene, ckpt, grid, folder, "extra")
-        print(f"[ref] 1 worker x torch threads 2: {extra['chips_per_s']:.1f} chips/s")
+        extra = None if a.smoke else one_config(1, 2, scene, ckpt, grid, folder, "extra")
+        if extra is not None:
+            print(f"[ref] 1 worker x torch threads 2: {extra['chips_per_s']:.1f} chips/s")
+    if a.smoke:
+        print(f"smoke: 2 workers computed {rows[0]['blocks']} blocks in {rows[0]['wall_s']:.2f} s")
+        return
     ratios = []
     for r in range(a.repeats):
         one = next(x for x in rows if x["repeat"] == r and x["workers"] == 1)

@@ -50,7 +50,7 @@ def reference(q: ProbEmbedding, g: ProbEmbedding, similarity: str, recall_at: fl
     return np.asarray(ranks), float((df["rank"] < recall_at / 100 * n).mean()), float(df["rank"].median())
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[5000, 20000])
     ap.add_argument("--dim", type=int, default=512)
@@ -58,7 +58,10 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=0, help="also time ours alone at this N (e.g. 100000)")
     ap.add_argument("--repeat", type=int, default=3, help="ours: best of this many runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0: torch's default)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="N = 200, one repeat (seconds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeat, args.large = [200], 1, 0
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dim {args.dim}")

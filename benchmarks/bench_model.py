@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="one image, one timed batch, no warm-up (seconds)")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.batch_size, a.iters, a.warmup = 1, 1, 0
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

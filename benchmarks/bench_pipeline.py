@@ -195,7 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the copy stage)")
     ap.add_argument("--no-procs", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a 400 px scene, no process pool (seconds)")
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.size, a.no_procs = 400, True
     torch.set_num_threads(a.threads)
     zooms = tuple(int(z) for z in a.zooms.split(","))
     with tempfile.TemporaryDirectory() as tmp:

@@ -126,8 +126,8 @@ def bench_zonal(folder: Path, n_polygons: int, n_bands: int, side: int = 1000) -
     return {"polygons": n_polygons, "bands": n_bands, "pixels": side * side, "total_s": total, "stats_only_s": stats}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, default=192)
     ap.add_argument("--zooms", default="1")
     ap.add_argument("--embed-dim", type=int, default=384)
@@ -137,7 +137,10 @@ def main() -> None:
     ap.add_argument("--bands", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-points", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="4 sites, a 64-d 1-layer ViT, 10 polygons x 2 bands")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.sites, a.embed_dim, a.depth, a.polygons, a.bands = 4, 64, 1, 10, 2
     torch.set_num_threads(a.threads)
     folder = Path(tempfile.mkdtemp(prefix="bench-places-"))
     try:
@@ -147,7 +150,7 @@ def main() -> None:
             print(f"points: {p['sites']} sites, {p['chips']} chips: embed total {p['embed_total_s']:.1f} s "
                   f"({p['sites_per_s']:.1f} sites/s) vs model only {p['model_only_s']:.1f} s: overhead "
                   f"{100 * p['overhead']:+.1f}% (goal <= 15%); query + table {p['query_and_table_s']:.2f} s")
-        z = bench_zonal(folder / "z", a.polygons, a.bands)
+        z = bench_zonal(folder / "z", a.polygons, a.bands, side=200 if a.smoke else 1000)
         print(f"zonal: {z['polygons']} polygons x {z['bands']} bands over {z['pixels']:,} px: {z['total_s']:.2f} s "
               f"end to end (read, coverage, stats, CSV), {z['stats_only_s']:.2f} s zonal_stats (goal < 10 s)")
     finally:

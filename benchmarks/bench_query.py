@@ -80,7 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", help="build (or reuse) the store in this folder instead of a temporary one")
+    ap.add_argument("--smoke", action="store_true", help="a 64 px store, one repeat (seconds)")
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.side, a.block_size, a.repeats = 64, 32, 1
     torch.set_num_threads(a.threads)
     tmp = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="psm-bench-query-"))
     try:

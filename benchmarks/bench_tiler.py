@@ -183,7 +183,10 @@ def main(argv=None):
     ap.add_argument("--baseline-chips", type=int, default=120)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (best is kept)")
     ap.add_argument("--no-xyz", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a 1400 px scene, one timed run, 10 baseline chips")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.size, args.baseline_chips, args.repeat = 1400, 10, 1
     with tempfile.TemporaryDirectory() as tmp:
         path = make_scene(Path(tmp), args.size)
         margin = constants.footprint_m("sentinel", 5) / 2 + 200

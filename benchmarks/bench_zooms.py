@@ -66,8 +66,15 @@ def demo_scene(folder: Path) -> tuple[Path, Path]:
     return scene, region
 
 
-def checkpoints(folder: Path, depth: int) -> dict[str, dict]:
+def checkpoints(folder: Path, depth: int, smoke: bool = False) -> dict[str, dict]:
     out = {}
+    if smoke:  # a tiny random checkpoint only
+        tiny = folder / "tiny.ckpt"
+        if not tiny.exists():
+            make_checkpoint(tiny, sat_type="sentinel", embed_dim=64, depth=1)
+        clap = folder / "clap.json"
+        tiny_clap_config().to_json_file(str(clap))
+        return {"random ViT-64 x1": {"checkpoint": str(tiny), "clap_config": str(clap)}}
     full = folder / f"full_width_depth{depth}.ckpt"
     if not full.exists():
         make_checkpoint(full, sat_type="sentinel", embed_dim=768, depth=depth, num_heads=12)
@@ -134,7 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="demo150,demo640,texture640")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="the demo scene at 640 m with a tiny checkpoint")
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.only = "demo640"
     import torch
 
     torch.set_num_threads(a.threads)
@@ -143,7 +153,7 @@ def main(argv=None) -> int:
     tok = work / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         make_tokenizer(tok)
-    cks = checkpoints(work, a.depth)
+    cks = checkpoints(work, a.depth, smoke=a.smoke)
     settings = {"demo150": (*demo_scene(work), 150.0), "demo640": (*demo_scene(work), 640.0),
                 "texture640": (*texture_scene(work), 640.0)}
     rows = []

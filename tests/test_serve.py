@@ -183,7 +183,8 @@ def test_info(server, built):
     assert info["crs"] == UTM and info["width"] == info["height"] == 12 and info["pixels"] == 144
     assert info["valid_pixels"] == 144 and info["metadata_adjustable"] is True
     assert info["checkpoint"] == Path(built["inp"]["ckpt"]).name and len(info["checkpoint_sha256"]) == 64
-    assert info["store_key"] == built["store"].stem and info["means_in_memory"] is True
+    assert info["store_key"] == built["store"].stem and info["means_in_memory"] is False
+    assert info["tile_formats"] == ["png", "tif", "npy"] and 64 << 20 <= info["cache_budget"] <= info["memory_limit"]
     w, s, e, n = info["lonlat_bounds"]
     lon, lat = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True).transform(*CENTRE)
     assert w < lon < e and s < lat < n and e - w < 0.01
@@ -435,8 +436,8 @@ def test_concurrent_clients_compute_each_query_once(built, tmp_path):
         assert len(results) == 24 and all(code == 200 for _, _, code, _ in results)
         stats = s.get("/api/stats").json()
         computed = {c["key"]: c["times"] for c in stats["computed"]}
-        for t in texts:
-            assert computed[repr(("similarity", (t, None), (None, None), 0))] == 1
+        for t in texts:  # the 12 px store: one chunk of full-resolution cells per query and zoom
+            assert computed[repr(("similarity", (t, None), (None, None), 0, 0, 0, 0))] == 1
             assert computed[repr(("embedding", (t, None)))] == 1
         assert all(v == 1 for v in computed.values()), computed
         # every answer is right: equal to the tile asked alone now, and to the colour of its values
@@ -448,31 +449,41 @@ def test_concurrent_clients_compute_each_query_once(built, tmp_path):
         assert s.stop() == 0
 
 
-def test_store_streamed_when_over_the_memory_limit(built):
-    """Means over the memory limit are not held: the similarity streams from the store in slabs
-    and equals the held computation."""
+def test_caches_are_byte_bounded_and_answers_do_not_depend_on_them(built):
+    """A tiny memory limit (caches at their 64 MB floor, split by bytes) and a large one give the
+    same tiles, values and ranges; the explorer holds no store arrays, only its caches."""
     from psm_mapping.serve.engine import Explorer
 
     inp = built["inp"]
     kw = dict(checkpoint=str(inp["ckpt"]), clap_config=str(inp["clap"]), tokenizer=str(inp["tokenizer"]))
-    held = Explorer(str(built["store"]), memory_limit=1e9, **kw)
-    streamed = Explorer(str(built["store"]), memory_limit=1e3, **kw)
+    small = Explorer(str(built["store"]), memory_limit=1e3, **kw)
+    large = Explorer(str(built["store"]), memory_limit=8e9, **kw)
     try:
-        assert held.hold_means and held.held_bytes > 12 * 12 * 2 * 512 * 2
-        assert not streamed.hold_means and streamed.held_bytes < 12 * 12 * 2 * 8 + 1
-        for zi in range(len(ZOOMS)):
-            a = held.similarity(held.query_spec("birds"), zi).data
-            b = streamed.similarity(streamed.query_spec("birds"), zi).data
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-            assert np.isfinite(a).all()
+        assert small.cache_budget == 64 << 20 and large.cache_budget > 1 << 30
+        caches = (small.planes, small.chunks, small.tiles, small.embeddings)
+        assert sum(c.max_bytes for c in caches) <= (64 << 20) + (8 << 20)
+        lon, lat = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True).transform(*CENTRE)
+        t = TMS.tile(lon, lat, 16)
+        for ex in (small, large):
+            assert not ex.info()["means_in_memory"]
+        for spec in ("birds", "traffic"):
+            qa, qb = small.query_spec(spec), large.query_spec(spec, month=None)
+            for zi in [*range(len(ZOOMS)), "mean"]:
+                a = small.tile_values(qa, zi, "similarity", 16, t.x, t.y)
+                b = large.tile_values(qb, zi, "similarity", 16, t.x, t.y)
+                np.testing.assert_array_equal(a, b)
+                assert np.isfinite(a).sum() > 1000
+                assert small.value_range(qa, zi) == large.value_range(qb, zi)
+            assert small.point(qa, lon, lat) == large.point(qb, lon, lat)
+        assert small.held_bytes <= 64 << 20
     finally:
-        held.close()
-        streamed.close()
+        small.close()
+        large.close()
 
 
 def test_fault_pixels_are_holes_in_the_explorer(built, tmp_path):
-    """Pixels the store marks FAULT (a failed imagery read) or PENDING are NaN in every raster the
-    explorer computes (held, streamed, re-fused for a month), and only those."""
+    """Pixels the store marks FAULT (a failed imagery read) or PENDING are NaN in every value the
+    explorer computes (stored means, re-fused for a month; any cache size), and only those."""
     import shutil
 
     import zarr
@@ -494,7 +505,8 @@ def test_fault_pixels_are_holes_in_the_explorer(built, tmp_path):
         try:
             for spec in (ex.query_spec("birds"), ex.query_spec("birds", month=5)):
                 for zi in range(len(ZOOMS)):
-                    a = ex.similarity(spec, zi).data
+                    a = ex.cells(spec, zi, 0)  # the full-resolution cells of the whole (12 px) store
+                    assert a.shape == (12, 12)
                     hole = ~np.isfinite(a)
                     expect = np.zeros_like(hole)
                     expect[(2, 5)[zi], (3, 6)[zi]] = True
@@ -639,7 +651,9 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     v = p["similarity"]["1"]
     assert f"{v:.4f}" in text or f"{v:.2f}" in text, (text, p)
     d.find_element(By.CSS_SELECTOR, ".maplibregl-popup-close-button").click()
-    # the month slider changes the tiles (fusion re-runs with month 6)
+    # the month slider changes the tiles (fusion re-runs with month 6); the panel then says that
+    # coarse zooms of a re-fused view are approximate (and not before)
+    assert not d.find_element(By.ID, "approximate").is_displayed()
     slider = d.find_element(By.ID, "month")
     old_url = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
     slider.click()  # the thumb sits at 0: a click at the centre jumps to about 6
@@ -649,6 +663,8 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     new_url = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
     month = int(slider.get_attribute("value"))
     assert 1 <= month <= 12 and f"month={month}" in new_url
+    assert d.find_element(By.ID, "approximate").is_displayed()
+    assert "Approximate" in d.find_element(By.ID, "approximate").text
     month_shot = tmp_path / "2-month.png"
     moved = _map_pixels(d, month_shot)
     assert _coloured(moved) > 20000

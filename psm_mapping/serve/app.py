@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import tempfile
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -24,7 +26,8 @@ from ..errors import PSMError
 from .engine import BANDS, Explorer, QuerySpec, RequestError
 from .security import Security, SecurityMiddleware, request_base
 from .qgis import router as qgis_router
-from .tiles import MAX_TILE_ZOOM, colormap_names, legend_png, transparent_png
+from .tiles import (MAX_TILE_ZOOM, TILE_FORMATS, TILE_SIZE, colormap_names, encode_npy, encode_png, encode_tif,
+                    legend_png, transparent_png)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +200,7 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
     @app.get("/api/progress")
     def progress():
         """The computations running now (re-fusion of zoom levels for month/hour, similarity passes)."""
-        return {"jobs": ex.jobs()}
+        return {"jobs": ex.jobs.list()}
 
     @app.get("/api/footprint.geojson")
     def footprint():
@@ -218,39 +221,64 @@ def create_app(store_url: str | None = None, *, explorer: Explorer | None = None
         """Compute a query at every zoom level (once; later calls answer from the cache): value ranges."""
         return ex.summary(spec_of(request.query_params))
 
-    @app.get("/tiles/{z}/{x}/{y}.png")
-    def tile(z: str, x: str, y: str, request: Request):
-        """A 256 px Web Mercator PNG with alpha; transparent outside the store's valid area."""
+    @app.get("/tiles/{z}/{x}/{y}.{fmt}")
+    def tile(z: str, x: str, y: str, fmt: str, request: Request):
+        """An XYZ tile (256 px, Web Mercator): ``.png`` coloured with alpha (transparent outside
+        the store's valid area); ``.tif`` (float32 GeoTIFF, EPSG:3857, NaN nodata) and ``.npy``
+        (float32 ``[2, 256, 256]``: values, mask 255/0) for clients that colour themselves."""
         p = request.query_params
+        fmt = fmt.lower()
+        if fmt not in TILE_FORMATS:
+            raise RequestError(f"tile format {fmt!r} is unknown: use .png (coloured), .tif (float32 "
+                               "GeoTIFF) or .npy (float32 array)", 404)
         zz = _int("z", z, 0, MAX_TILE_ZOOM)
         xx, yy = _int("x", x, 0, 2 ** zz - 1), _int("y", y, 0, 2 ** zz - 1)
         band = band_of(p)
         q = spec_of(p, need_query=band != "uncertainty")
         zi = ex.zoom_index(p.get("zoom_level"))
-        cm = colormap_of(p, band)
-        vmin, vmax = _float("vmin", p.get("vmin")), _float("vmax", p.get("vmax"))
         resampling = (p.get("resampling") or "nearest").lower()
         if resampling not in ("nearest", "bilinear"):
             raise RequestError(f"resampling {resampling!r} is unknown: use nearest or bilinear")
-        key = (q.query_key, q.md_key, zi, band, vmin, vmax, cm, resampling, zz, xx, yy)
-        png = ex.tiles.get(key)
-        if png is None:
-            r = ex.raster(q, zi, band)
-            if r.lo is None:
-                png = b""
-            else:
-                if band == "score":  # score values -> similarity values of this raster
-                    lo, hi = r.lo, r.hi
-                    s0 = 0.0 if vmin is None else vmin
-                    s1 = 1.0 if vmax is None else vmax
-                    v0, v1 = lo + s0 * (hi - lo), lo + s1 * (hi - lo)
+        vmin = vmax = None
+        if fmt == "png":
+            cm = colormap_of(p, band)
+            vmin, vmax = _float("vmin", p.get("vmin")), _float("vmax", p.get("vmax"))
+            key = (q.query_key, q.md_key, zi, band, vmin, vmax, cm, resampling, zz, xx, yy)
+        else:
+            key = (q.query_key, q.md_key, zi, band, fmt, resampling, zz, xx, yy)
+        # the colour range: for score values, and for colours not fully given by vmin/vmax
+        need_range = band == "score" or (fmt == "png" and (vmin is None or vmax is None))
+        body = ex.tiles.get(key)
+        timing = {}
+        if body is None:
+            t0 = time.perf_counter()
+            if q.text or q.audio:
+                ex.embedding(q)  # a new query's embedding (timed apart from the cells)
+            t1 = time.perf_counter()
+            values, (lo, hi) = ex.tile_and_range(q, zi, band, zz, xx, yy, resampling, need_range)
+            if band == "score" and values is not None:  # 0..1 over the query's range
+                values = ex.to_score(values, lo, hi)
+            if fmt == "png":
+                if values is None or (need_range and lo is None):
+                    body = b""
                 else:
-                    v0 = r.lo if vmin is None else vmin
-                    v1 = r.hi if vmax is None else vmax
-                png = r.tile(xx, yy, zz, v0, v1, cm, resampling) or b""
-            ex.tiles.put(key, png, max(len(png), 64))
-        return Response(png or transparent_png(), media_type="image/png",
-                        headers={"Cache-Control": TILE_CACHE_CONTROL})
+                    if band == "score":
+                        v0 = 0.0 if vmin is None else vmin
+                        v1 = 1.0 if vmax is None else vmax
+                    else:
+                        v0 = lo if vmin is None else vmin
+                        v1 = hi if vmax is None else vmax
+                    body = encode_png(values, v0, v1, cm)
+            else:
+                if values is None:
+                    values = np.full((TILE_SIZE, TILE_SIZE), np.nan, np.float32)
+                body = encode_tif(values, zz, xx, yy) if fmt == "tif" else encode_npy(values)
+            ex.tiles.put(key, body, max(len(body), 64))
+            timing = {"embed": t1 - t0, "tile": time.perf_counter() - t1}
+        headers = {"Cache-Control": TILE_CACHE_CONTROL}
+        if timing:  # where a computed tile's time went (W3C Server-Timing, milliseconds)
+            headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1e3:.1f}" for k, v in timing.items())
+        return Response(body or transparent_png(), media_type=TILE_FORMATS[fmt], headers=headers)
 
     @app.get("/tilejson.json")
     def tilejson(request: Request):

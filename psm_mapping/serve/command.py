@@ -81,9 +81,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--open", action="store_true", help="open the page in a web browser")
-    p.add_argument("--memory-limit", type=_gb, default=6.0, metavar="GB",
-                   help="memory for the store's means and the caches (default 6 GB); larger stores "
-                        "are streamed per query")
+    p.add_argument("--memory-limit", type=_gb, default=1.5, metavar="GB",
+                   help="the server's memory target (default 1.5 GB): the caches get half of "
+                        "what the model leaves of it; any store size (tiles read only their window)")
     p.add_argument("--max-upload", type=_mb, default=20.0, metavar="MB", help="largest audio upload (default 20 MB)")
     p.add_argument("--max-audio-seconds", type=_seconds, default=MAX_AUDIO_SECONDS, metavar="S",
                    help=f"longest audio clip an upload may hold, checked from its header before decoding "
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(explorer=ex, basemap=basemap, security=security)
     urls = security.public_urls()  # loopback first, then the machine's addresses (0.0.0.0 / ::)
     url = urls[0]
-    held = f"means held in memory ({ex.held_bytes / 1e9:.2f} GB, {ex.load_seconds:.1f} s)" if ex.hold_means \
-        else "means streamed from the store (over 60% of --memory-limit)"
+    held = (f"caches up to {ex.cache_budget / 1e9:.2f} GB of --memory-limit {args.memory_limit:g} GB "
+            f"(ready in {ex.load_seconds:.1f} s)")
     print(f"psm-map serve: {args.store}: {ex.store.spec.width} x {ex.store.spec.height} px, zoom levels "
           f"{','.join(map(str, ex.zoom_levels))}; {held}", file=sys.stderr)
     for w in warnings:

@@ -1,14 +1,17 @@
-"""Web Mercator tiles from an in-memory raster with rio-tiler.
+"""Web Mercator tiles: where a tile falls on the store's grid, the reprojection of a window's
+values onto it (rasterio), and the tile encodings.
 
-A :class:`Raster` is one float32 band on the store's grid (NaN = no data), written once into an
-in-memory GeoTIFF (internal tiles and overviews); every tile is cut from it by rio-tiler's
-``Reader.tile`` (WebMercatorQuad), rescaled, coloured and encoded as a 256 px PNG with alpha.
+:func:`tile_target` gives a tile's window on the store's output grid and its pixel size (what
+picks the store level, as rio-tiler picks a COG overview); :func:`warp_to_tile` reprojects the
+window's values (cells of that level) onto the tile's 256 px Web Mercator grid; the encoders
+write PNG (coloured over a range with a rio-tiler colour map, alpha where no data), a float32
+GeoTIFF and TiTiler's ``.npy``.
 """
 from __future__ import annotations
 
 import io
-import threading
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -16,95 +19,124 @@ from PIL import Image
 # imported once, here: rio_tiler's package imports are circular and fail when two request threads
 # import it for the first time at once
 import rio_tiler.io  # noqa: F401
+import rio_tiler.utils  # noqa: F401
 from rio_tiler.colormap import cmap as _cmaps
-from rio_tiler.errors import TileOutsideBounds
-from rio_tiler.io import Reader
 
-# rio-tiler casts NaN fill values of masked float tiles to uint8 (harmless; masked pixels stay
-# transparent). Filters are process-wide: catch_warnings() is not thread-safe in a threaded server.
-warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+# the mean over zoom levels of a tile's all-NaN pixels. Filters are process-wide (set once at
+# import): catch_warnings() is not thread-safe in a threaded server.
 warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
 
 TILE_SIZE = 256
 MAX_TILE_ZOOM = 24
 
 
-class Raster:
-    """One band in memory and as an in-memory GeoTIFF (``lo``/``hi``: its finite range)."""
+@dataclass(frozen=True)
+class TileTarget:
+    """Where XYZ tile ``z/x/y`` falls on a store's output grid: ``rows``/``cols`` (pixel slices,
+    clipped to the grid) and ``pixel_size`` (the tile's pixel in the store's CRS units, as
+    rio-tiler's overview choice measures it)."""
 
-    def __init__(self, data: np.ndarray, crs, transform):
-        import rasterio
-        from rasterio.enums import Resampling
-        from rasterio.io import MemoryFile
+    z: int
+    x: int
+    y: int
+    rows: slice
+    cols: slice
+    pixel_size: float
 
-        self.data = np.ascontiguousarray(data, dtype=np.float32)
-        finite = np.isfinite(self.data)
-        self.valid = int(finite.sum())
-        self.lo = float(self.data[finite].min()) if self.valid else None
-        self.hi = float(self.data[finite].max()) if self.valid else None
-        h, w = self.data.shape
-        self.crs = rasterio.crs.CRS.from_wkt(crs.to_wkt()) if hasattr(crs, "to_wkt") else crs
-        self._mem = MemoryFile()
-        block = 256 if min(h, w) >= 256 else None
-        profile = dict(driver="GTiff", width=w, height=h, count=1, dtype="float32", crs=self.crs,
-                       transform=transform, nodata=float("nan"))
-        if block:
-            profile.update(tiled=True, blockxsize=block, blockysize=block)
-        with self._mem.open(**profile) as ds:
-            ds.write(self.data, 1)
-            levels = [2 ** k for k in range(1, 12) if max(h, w) / 2 ** k >= 128]
-            if levels:
-                ds.build_overviews(levels, Resampling.average)
-        self.nbytes = int(self.data.nbytes * 2.4)  # the array, the GeoTIFF and its overviews
-        # open readers, reused (a rasterio dataset serves one thread at a time)
-        self._readers: list = []
-        self._pool_lock = threading.Lock()
 
-    def _reader(self):
-        with self._pool_lock:
-            if self._readers:
-                return self._readers.pop()
-        return Reader(None, dataset=self._mem.open())
+def tile_target(z: int, x: int, y: int, crs, transform, height: int, width: int,
+                merc_bounds: tuple[float, float, float, float]) -> TileTarget | None:
+    """The part of a ``height`` x ``width`` grid (``crs``, affine ``transform``; ``merc_bounds``
+    its bounds in EPSG:3857) under tile ``z/x/y``, or None when the tile misses the grid. Only the
+    tile's overlap with the grid is transformed (edges densified), so world tiles work too."""
+    from rasterio.warp import transform_bounds
 
-    def _release(self, reader) -> None:
-        with self._pool_lock:
-            if len(self._readers) < 4:
-                self._readers.append(reader)
-                return
-        reader.dataset.close()
+    b = tile_bounds(z, x, y)
+    ml, mb, mr, mt = merc_bounds
+    il, ib, ir, it = max(b.left, ml), max(b.bottom, mb), min(b.right, mr), min(b.top, mt)
+    if ir <= il or it <= ib:
+        return None
+    left, bottom, right, top = transform_bounds("EPSG:3857", crs, il, ib, ir, it, densify_pts=21)
+    if not all(np.isfinite((left, bottom, right, top))):
+        return None
+    inv = ~transform
+    cs, rs = zip(*(inv @ (px, py) for px, py in ((left, top), (right, top), (left, bottom), (right, bottom))))
+    r0, r1 = max(0, int(np.floor(min(rs)))), min(height, int(np.ceil(max(rs))))
+    c0, c1 = max(0, int(np.floor(min(cs)))), min(width, int(np.ceil(max(cs))))
+    if r1 <= r0 or c1 <= c0:
+        return None
+    # the tile's pixel in store units: the overlap's size in the store's CRS over its size in tile pixels
+    nx = (ir - il) / (b.right - b.left) * TILE_SIZE
+    ny = (it - ib) / (b.top - b.bottom) * TILE_SIZE
+    size = min((right - left) / nx, (top - bottom) / ny)
+    return TileTarget(z, x, y, slice(r0, r1), slice(c0, c1), float(size))
 
-    def score(self, v: float) -> float | None:
-        """``v`` rescaled 0..1 over the raster's range (as ``QueryMaps.score``)."""
-        if self.lo is None or not np.isfinite(v):
-            return None
-        return float((np.float32(v) - np.float32(self.lo)) / np.float32(self.hi - self.lo)) if self.hi > self.lo \
-            else float(np.float32(v) - np.float32(self.lo))
 
-    def tile(self, x: int, y: int, z: int, vmin: float, vmax: float, colormap: str,
-             resampling: str = "nearest") -> bytes | None:
-        """The PNG of tile ``z/x/y`` (cut by rio-tiler's Web Mercator tiler); None when the tile does
-        not touch the raster's valid pixels."""
-        r = self._reader()
-        try:
-            img = r.tile(x, y, z, tilesize=TILE_SIZE, resampling_method=resampling)
-        except TileOutsideBounds:
-            return None
-        finally:
-            self._release(r)
-        valid = ~np.ma.getmaskarray(img.array)[0] & np.isfinite(img.array.data[0])
-        if not valid.any():
-            return None
-        # colour it as rio-tiler's rescale + colormap would, with one lookup table, and encode the
-        # PNG with light compression (tiles are small; latency matters more than bytes)
-        v = np.asarray(img.array.data[0], np.float64)
-        hi = vmax if vmax > vmin else vmin + 1e-6
-        idx = ((np.clip(v, vmin, hi) - vmin) / (hi - vmin) * 255.0)
-        idx = np.where(valid, np.nan_to_num(idx), 0).astype(np.uint8)
-        rgba = lut(colormap)[idx]
-        rgba[..., 3] = np.where(valid, rgba[..., 3], 0)
-        buf = io.BytesIO()
-        Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+def warp_to_tile(values: np.ndarray, src_transform, src_crs, z: int, x: int, y: int,
+                 resampling: str = "nearest") -> np.ndarray:
+    """``values`` (float32 ``[h, w]`` on ``src_transform`` in ``src_crs``, NaN: no data) reprojected
+    onto tile ``z/x/y`` (256 px, EPSG:3857) with rasterio: float32, NaN where there is no data."""
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_bounds
+    from rasterio.warp import reproject
+
+    b = tile_bounds(z, x, y)
+    out = np.full((TILE_SIZE, TILE_SIZE), np.nan, np.float32)
+    reproject(np.ascontiguousarray(values, np.float32), out, src_transform=src_transform, src_crs=src_crs,
+              src_nodata=np.nan, dst_transform=from_bounds(b.left, b.bottom, b.right, b.top, TILE_SIZE, TILE_SIZE),
+              dst_crs="EPSG:3857", dst_nodata=np.nan, resampling=getattr(Resampling, resampling), num_threads=1)
+    return out
+
+
+#: tile formats: extension -> media type (float formats as TiTiler serves them)
+TILE_FORMATS = {"png": "image/png", "tif": "image/tiff; application=geotiff", "npy": "application/x-binary"}
+
+
+def encode_png(values: np.ndarray, vmin: float, vmax: float, colormap: str) -> bytes:
+    """``values`` (float ``[h, w]``, NaN: no data) coloured over ``vmin..vmax`` with ``colormap``
+    as rio-tiler's rescale + colormap would (one lookup table), as an RGBA PNG (NaN transparent),
+    lightly compressed (tiles are small; latency matters more than bytes)."""
+    valid = np.isfinite(values)
+    v = np.asarray(values, np.float64)
+    hi = vmax if vmax > vmin else vmin + 1e-6
+    idx = ((np.clip(v, vmin, hi) - vmin) / (hi - vmin) * 255.0)
+    idx = np.where(valid, np.nan_to_num(idx), 0).astype(np.uint8)
+    rgba = lut(colormap)[idx]
+    rgba[..., 3] = np.where(valid, rgba[..., 3], 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def tile_bounds(z: int, x: int, y: int):
+    """Web Mercator (EPSG:3857) bounds of XYZ tile ``z/x/y`` (morecantile's WebMercatorQuad)."""
+    import morecantile
+
+    return morecantile.tms.get("WebMercatorQuad").xy_bounds(morecantile.Tile(x, y, z))
+
+
+def encode_tif(values: np.ndarray, z: int, x: int, y: int) -> bytes:
+    """``values`` as a one-band float32 GeoTIFF of tile ``z/x/y``: EPSG:3857, the tile's bounds,
+    NaN nodata (rio-tiler's GTiff renderer)."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_bounds
+    from rio_tiler.utils import render
+
+    b = tile_bounds(z, x, y)
+    h, w = values.shape
+    return render(np.asarray(values, np.float32)[None], None, img_format="GTiff", crs=CRS.from_epsg(3857),
+                  transform=from_bounds(b.left, b.bottom, b.right, b.top, w, h), nodata=float("nan"),
+                  compress="deflate", predictor=3)
+
+
+def encode_npy(values: np.ndarray) -> bytes:
+    """``values`` as TiTiler's ``.npy`` (rio-tiler's NPY renderer): float32 ``[2, h, w]``, band 0
+    the values (NaN: no data), band 1 the mask (255 valid, 0 no data), row 0 at the north."""
+    from rio_tiler.utils import render
+
+    v = np.asarray(values, np.float32)
+    mask = np.where(np.isfinite(v), 255, 0).astype(np.float32)
+    return render(v[None], mask, img_format="NPY")
 
 
 @lru_cache(maxsize=None)

@@ -79,6 +79,7 @@
       const summary = await getJSON(base + "api/query?" + queryParams(false).toString());
       if (id !== runId) return;
       state.summary = summary;
+      $("approximate").hidden = !summary.approximate;
       const secs = ((performance.now() - t0) / 1000).toFixed(2);
       setStatus("“" + summary.query + "” ready in " + secs + " s. Click the map for values.");
       if (remember) remember_(summary.query);
