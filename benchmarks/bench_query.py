@@ -52,6 +52,7 @@ def build_store(path: Path, side: int, block: int, seed: int = 0) -> EmbeddingSt
         m = rng.standard_normal((1, h, side, D), dtype=np.float32)
         m /= np.linalg.norm(m, axis=-1, keepdims=True)
         g["mean"][:, r:r + h] = m.astype(np.float16)
+        g["z_img"][:, r:r + h] = m.astype(np.float16)  # a real store holds z_img wherever it holds a mean
         vs = rng.uniform(15, 25, (1, h, side)).astype(np.float32)
         g["var_sum"][:, r:r + h] = vs
         g["uncertainty"][:, r:r + h] = np.sqrt(vs) * 15

@@ -62,6 +62,7 @@ def build_store(folder: Path, side: int, block: int = 64) -> Path:
     m = rng.standard_normal((1, side, side, D), dtype=np.float32)
     m /= np.linalg.norm(m, axis=-1, keepdims=True)
     g["mean"][:] = m.astype(np.float16)
+    g["z_img"][:] = m.astype(np.float16)  # a real store holds z_img wherever it holds a mean
     vs = rng.uniform(15, 25, (1, side, side)).astype(np.float32)
     g["var_sum"][:] = vs
     g["uncertainty"][:] = np.sqrt(vs) * 15

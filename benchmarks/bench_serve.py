@@ -94,6 +94,7 @@ def build_store(path: Path, side: int, block: int, ckpt_sha: str, zooms=(1,)) ->
             m[..., k] += 3 * np.sin(6 * xx[None, :] + k) * np.cos(5 * yy - k)
         m /= np.linalg.norm(m, axis=-1, keepdims=True)
         g["mean"][:, r:r + h] = m.astype(np.float16)
+        g["z_img"][:, r:r + h] = m.astype(np.float16)  # a real store holds z_img wherever it holds a mean
         vs = rng.uniform(15, 25, (Z, h, side)).astype(np.float32)
         g["var_sum"][:, r:r + h] = vs
         g["uncertainty"][:, r:r + h] = np.sqrt(vs) * 15

@@ -51,6 +51,7 @@ def build_store(path, ckpt_sha: str, block: int = 32) -> EmbeddingStore:
         m = coef.astype(np.float32) @ basis + 0.2 * rng.standard_normal((H, W, D)).astype(np.float32)
         m /= np.linalg.norm(m, axis=-1, keepdims=True)
         g["mean"][zi] = m.astype(np.float16)
+        g["z_img"][zi] = m.astype(np.float16)  # a real store holds z_img wherever it holds a mean
         vs = rng.uniform(15, 25, (H, W)).astype(np.float32)
         status = np.full((H, W), DONE, np.uint8)
         for (z, r, c), s in HOLES.items():

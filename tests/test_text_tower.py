@@ -218,6 +218,7 @@ def make_store(folder, ckpt, tokenizer, side: int = 16):
     m /= np.linalg.norm(m, axis=-1, keepdims=True)
     g = store.group
     g["mean"][:] = m.astype(np.float16)
+    g["z_img"][:] = m.astype(np.float16)  # a real store holds z_img wherever it holds a mean
     g["var_sum"][:] = rng.uniform(15, 25, (1, side, side)).astype(np.float32)
     g["uncertainty"][:] = 50.0
     g["valid"][:] = 1.0
