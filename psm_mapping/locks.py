@@ -7,6 +7,10 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .grid import Block
 
 
 def _local_path(url: str) -> Path | None:
