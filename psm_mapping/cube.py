@@ -1,12 +1,15 @@
 """Soundscapes through the day and the year: month x hour cubes from one embedding store.
 
 PSM fuses month and hour into every image embedding (PSM_SPEC.md section 3), so a cube needs no
-image inference: per block the store's pre-fusion ``z_img`` (float16) is read once, and the
-fusion transformer and heads run batched over every (pixel-zoom, month, hour) of the block, in
-rows of :data:`FUSION_ROWS` (on the model's device and under its dtype rules, as embedding).
+image inference: it is a thin view over the engine (:mod:`psm_mapping.engine`), computed tile by
+tile (the cube's Zarr chunk tiles, fused in pieces of :data:`PIECE_PX`): per setting the engine's
+one fusion re-run (:class:`~psm_mapping.engine.Refusion`) over each zoom's window, scale-true
+zooms resampled to the output grid as the single map. Held in memory up to :func:`eager_limit`
+bytes (:func:`cube_store`), else streamed through a scratch Zarr (:func:`stream_cube`).
 
 * :class:`TimeAxes`     the cube's axes (months and/or hours) and its settings, month-major
-* :func:`cube_store`    similarity ``[S, Z, H, W]`` per query and uncertainty, as :class:`QueryCube`
+* :func:`cube_store` / :func:`stream_cube`  similarity ``[S, Z, H, W]`` per query and uncertainty,
+  as :class:`QueryCube` (NumPy, or dask arrays over the scratch Zarr); :func:`answer_cube` writes it
 * :func:`point_profile` one pixel's month x hour profile (``psm-map query --point LON,LAT``)
 * :func:`check_cube_model`  the refusals (no metadata fuser, ``--no-fusion``, an axis the
   checkpoint's metadata lack)
