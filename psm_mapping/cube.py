@@ -1,12 +1,15 @@
 """Soundscapes through the day and the year: month x hour cubes from one embedding store.
 
 PSM fuses month and hour into every image embedding (PSM_SPEC.md section 3), so a cube needs no
-image inference: per block the store's pre-fusion ``z_img`` (float16) is read once, and the
-fusion transformer and heads run batched over every (pixel-zoom, month, hour) of the block, in
-rows of :data:`FUSION_ROWS` (on the model's device and under its dtype rules, as embedding).
+image inference: it is a thin view over the engine (:mod:`psm_mapping.engine`), computed tile by
+tile (the cube's Zarr chunk tiles, fused in pieces of :data:`PIECE_PX`): per setting the engine's
+one fusion re-run (:class:`~psm_mapping.engine.Refusion`) over each zoom's window, scale-true
+zooms resampled to the output grid as the single map. Held in memory up to :func:`eager_limit`
+bytes (:func:`cube_store`), else streamed through a scratch Zarr (:func:`stream_cube`).
 
 * :class:`TimeAxes`     the cube's axes (months and/or hours) and its settings, month-major
-* :func:`cube_store`    similarity ``[S, Z, H, W]`` per query and uncertainty, as :class:`QueryCube`
+* :func:`cube_store` / :func:`stream_cube`  similarity ``[S, Z, H, W]`` per query and uncertainty,
+  as :class:`QueryCube` (NumPy, or dask arrays over the scratch Zarr); :func:`answer_cube` writes it
 * :func:`point_profile` one pixel's month x hour profile (``psm-map query --point LON,LAT``)
 * :func:`check_cube_model`  the refusals (no metadata fuser, ``--no-fusion``, an axis the
   checkpoint's metadata lack)
@@ -16,28 +19,29 @@ from ``z_img`` with that month and hour (the same fusion, heads and csd, batched
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from .embed import MetadataOptions
-from .errors import InputError, StoreError
-from .model.heads import csd_from_parts
-from .model import Metadata
+from .errors import InputError
+from .engine import QueryMatrix, Refusion, Window, query_matrix
 from .model.fusion import metadata_items
-from .query import Query, _LonLat, prepare_query
+from .query import Query
 from .store import DONE, EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-#: (pixel-zoom, setting) rows per fusion forward pass: large enough to fill the matrix units,
-#: small enough that activations (7 tokens x 2048 features x 4 bytes a row) stay ~0.5 GB
-FUSION_ROWS = 8192
-#: a cube held in memory larger than this is refused (fewer settings, a smaller region)
-MAX_CUBE_BYTES = 16 << 30
+#: longest side of a piece fused in one model call (pixels x settings x zooms bounded: a piece
+#: of 64 x 64 px is ~0.25 GB of fusion activations)
+PIECE_PX = 64
+#: cubes up to this many bytes are computed into memory; larger ones into a scratch Zarr beside
+#: the output, read back lazily by the writers ($PSM_CUBE_EAGER_BYTES overrides it)
+CUBE_EAGER_BYTES = 512 << 20
 from .outputs.labels import MONTH_NAMES, setting_label  # noqa: E402,F401  (public here too)
 
 
@@ -124,128 +128,121 @@ class QueryCube:
             raise InputError(f"month {month}, hour {hour} is not a setting of this cube") from None
 
 
-def settings_metadata(metadata: MetadataOptions, settings: Sequence[tuple], n: int,
-                      lon: np.ndarray | None, lat: np.ndarray | None) -> Metadata:
-    """:class:`Metadata` of ``len(settings) x n`` rows, setting-major (row ``s * n + i`` is pixel
-    ``i`` at setting ``s``): month and hour per setting, location per pixel, sources as given."""
-    S = len(settings)
-    ms = [m for m, _ in settings]
-    hs = [h for _, h in settings]
-    month = None if all(m is None for m in ms) else np.repeat(np.asarray([m or 0 for m in ms], np.int64), n)
-    hour = None if all(h is None for h in hs) else np.repeat(
-        np.asarray([-1 if h is None else h for h in hs], np.int64), n)
-    use = metadata.use_location and lon is not None
-    return Metadata(lat=np.tile(lat, S) if use else None, lon=np.tile(lon, S) if use else None,
-                    month=month, hour=hour, audio_source=metadata.audio_source,
-                    caption_source=metadata.caption_source)
-
-
-def fuse_settings(model, z_img: np.ndarray, lon: np.ndarray, lat: np.ndarray, metadata: MetadataOptions,
-                  settings: Sequence[tuple], qm: torch.Tensor, qvs: torch.Tensor | None,
-                  rows: int = FUSION_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Similarity ``[Q, S, N]`` and uncertainty ``[S, N]`` (float32) of ``N`` stored ``z_img`` rows
-    ``[N, D]`` at every setting: one fusion + heads pass per ``rows`` (pixel, setting) rows, the
-    similarity (csd, or cosine with ``qvs`` None) on the model's device. Rows whose ``z_img`` is
-    not finite (no chip) stay NaN."""
-    N, S, Q = z_img.shape[0], len(settings), qm.shape[0]
-    sim = np.full((Q, S, N), np.nan, np.float32)
-    unc = np.full((S, N), np.nan, np.float32)
-    ok = np.isfinite(z_img).all(1)
-    idx = np.flatnonzero(ok)
-    if idx.size == 0:
-        return sim, unc
-    dev = model.device
-    z_all = torch.from_numpy(np.ascontiguousarray(z_img[idx]).astype(np.float32, copy=False))
-    qt = qm.float().T.contiguous().to(dev)
-    qv = qvs.float().to(dev) if qvs is not None else None
-    step = max(1, rows // S)
-    for p in range(0, idx.size, step):
-        sel = idx[p:p + step]
-        n = sel.size
-        z = z_all[p:p + n].to(dev).repeat(S, 1)  # setting-major rows
-        md = settings_metadata(metadata, settings, n, lon[sel], lat[sel])
-        emb = model.embed_image_features(z, md, fuse=True)
-        with torch.inference_mode():
-            dot = emb.mean.float() @ qt  # [S*n, Q]
-            if qv is not None and emb.logvar is not None:
-                vs = emb.var_sum().float()
-                s = csd_from_parts(dot, vs[:, None], qv[None, :])
-                u = emb.uncertainty().float()
-                unc[:, sel] = u.reshape(S, n).cpu().numpy()
-            else:
-                s = dot
-                if emb.logvar is not None:
-                    unc[:, sel] = emb.uncertainty().float().reshape(S, n).cpu().numpy()
-            sim[:, :, sel] = s.T.reshape(Q, S, n).cpu().numpy()
-    return sim, unc
-
-
 def cube_bytes(store: EmbeddingStore, n_queries: int, n_settings: int) -> int:
     s = store.spec
     return (n_queries + 1) * n_settings * len(s.zoom_levels) * s.height * s.width * 4
 
 
-def check_dense_store(store: EmbeddingStore) -> None:
-    """Cubes read every zoom of a block at once on the output grid: a store built with
-    ``--zoom-sampling scale`` (each zoom on its own grid) is refused with the fix."""
-    if not store.spec.dense:
-        raise StoreError(f"{store.url} holds scale-true zoom grids (--zoom-sampling scale); month x hour cubes "
-                         "need a dense store: rerun the map with --zoom-sampling dense (the default)")
+def eager_limit() -> int:
+    """Bytes up to which a cube is held in memory (:data:`CUBE_EAGER_BYTES`, or the environment's)."""
+    v = os.environ.get("PSM_CUBE_EAGER_BYTES")
+    return int(v) if v not in (None, "") else CUBE_EAGER_BYTES
 
 
-def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
-               axes: TimeAxes, progress: Callable[[int, int], None] | None = None,
-               rows: int = FUSION_ROWS) -> QueryCube:
-    """The month x hour cube of ``queries`` over every done block of ``store``: per block
-    ``z_img`` is read once (all zooms), then fusion and heads run for every setting of ``axes``
-    (``metadata`` gives the sources and ``fuse``; its month/hour are the fixed values of absent
-    axes). ``progress(done, total)`` after each block."""
-    check_dense_store(store)
+def setting_refusions(store: EmbeddingStore, model, metadata: MetadataOptions, axes: TimeAxes) -> list[Refusion]:
+    """One :class:`~psm_mapping.engine.Refusion` per setting of ``axes`` (month-major): the
+    engine's one fusion re-run, with that month and hour and ``metadata``'s sources."""
+    return [Refusion(model, dataclasses.replace(metadata, month=m, hour=h), store) for m, h in axes.settings]
+
+
+def chunk_tile(axes: TimeAxes, height: int, width: int) -> int:
+    """The side of the cube's Zarr chunks (:func:`psm_mapping.outputs.cube.tile_side`)."""
+    from .outputs.cube import tile_side
+
+    return min(max(height, width), tile_side(len(axes.hours) if axes.hours is not None
+                                             else (len(axes.months) if axes.months else 1)))
+
+
+def cube_tiles(store: EmbeddingStore, tile: int) -> list[Window]:
+    """Square windows of ``tile`` px (the cube's chunks), row-major."""
+    H, W = store.spec.height, store.spec.width
+    return [Window(r, c, min(tile, H - r), min(tile, W - c)) for r in range(0, H, tile) for c in range(0, W, tile)]
+
+
+def tile_cube(store: EmbeddingStore, qmat: QueryMatrix, refusions: Sequence[Refusion], tile: Window,
+              piece: int = PIECE_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity ``[Q, S, Z, h, w]`` and uncertainty ``[S, Z, h, w]`` of one window at every
+    setting: per setting the engine's :func:`psm_mapping.maps.window_maps` (fusion re-run from
+    ``z_img``, scale-true zooms resampled to the output grid), in pieces of ``piece`` px."""
+    from .maps import window_maps
+
+    S, Z = len(refusions), len(store.spec.zoom_levels)
+    sim = np.empty((len(qmat), S, Z, tile.height, tile.width), np.float32)
+    unc = np.empty((S, Z, tile.height, tile.width), np.float32)
+    for r in range(0, tile.height, piece):
+        for c in range(0, tile.width, piece):
+            w = Window(tile.row_off + r, tile.col_off + c, min(piece, tile.height - r), min(piece, tile.width - c))
+            ys, xs = slice(r, r + w.height), slice(c, c + w.width)
+            for s, ref in enumerate(refusions):
+                sim[:, s, :, ys, xs], unc[s, :, ys, xs] = window_maps(store, qmat, w, ref)
+    return sim, unc
+
+
+def _fill(store, queries, model, metadata, axes, put, progress) -> dict[str, float]:
+    """Compute the cube tile by tile and hand each to ``put(window, sim, unc)``; empty tiles (no
+    DONE pixel) are skipped (their cells stay NaN)."""
     import time
 
     check_cube_model(model.config, metadata, axes)
     t0 = time.perf_counter()
     spec = store.spec
-    qm, qvs, _ = prepare_query(store, queries, None)
-    settings = axes.settings
-    S, Z, H, W, bs = len(settings), len(spec.zoom_levels), spec.height, spec.width, spec.block_size
-    need = cube_bytes(store, len(queries), S)
-    if need > MAX_CUBE_BYTES:
-        raise InputError(f"this cube ({S} settings x {Z} zooms x {H} x {W} px, {len(queries)} queries) needs "
-                         f"{need / 2**30:.1f} GiB of memory, over the {MAX_CUBE_BYTES / 2**30:.0f} GiB limit: "
-                         "give fewer --months/--hours (e.g. --hours 0-23/3) or a smaller region", option="months")
+    qmat = query_matrix(list(queries), spec.probabilistic)
+    refusions = setting_refusions(store, model, metadata, axes)
+    done = (store.status() == DONE).any(0)
+    tiles = [w for w in cube_tiles(store, chunk_tile(axes, spec.height, spec.width))]
+    for k, w in enumerate(tiles):
+        if done[w.slices].any():
+            put(w, *tile_cube(store, qmat, refusions, w))
+        if progress is not None:
+            progress(k + 1, len(tiles))
+    return {"cube_total": time.perf_counter() - t0}
+
+
+def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
+               axes: TimeAxes, progress: Callable[[int, int], None] | None = None) -> QueryCube:
+    """The month x hour cube of ``queries`` over ``store``, in memory (NumPy): a thin view over the
+    engine, computed tile by tile (:func:`tile_cube`); dense and scale-true stores alike.
+    ``metadata`` gives the sources and ``fuse`` (its month/hour: the fixed values of absent axes).
+    ``progress(done, total)`` after each tile. :func:`stream_cube` for cubes past memory."""
+    spec = store.spec
+    S, Z, H, W = len(axes), len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((S, Z, H, W), np.nan, np.float32) for _ in queries]
     unc = np.full((S, Z, H, W), np.nan, np.float32)
-    done = store.done_mask()
-    status = store.status()
-    lonlat = _LonLat(store)
-    blocks = [b for b in store.iter_blocks() if done[b.row_off // bs, b.col_off // bs]]
-    t_read = t_fuse = 0.0
-    for k, b in enumerate(blocks):
-        ys, xs = b.slices
-        t1 = time.perf_counter()
-        z = store.read("z_img", ys, xs, where=f"block {b.index}")  # [Z, h, w, D], once for all settings
-        lon, lat = lonlat(b)
-        t2 = time.perf_counter()
-        zz = z.reshape(-1, z.shape[-1])
-        lon_all = np.broadcast_to(lon, (Z, b.height, b.width)).reshape(-1)
-        lat_all = np.broadcast_to(lat, (Z, b.height, b.width)).reshape(-1)
-        sim, u = fuse_settings(model, zz, lon_all, lat_all, metadata, settings, qm, qvs, rows)
-        shape = (S, Z, b.height, b.width)
-        for q in range(len(queries)):
-            sims[q][:, :, ys, xs] = sim[q].reshape(shape)
-        unc[:, :, ys, xs] = u.reshape(shape)
-        t_read += t2 - t1
-        t_fuse += time.perf_counter() - t2
-        if progress is not None:
-            progress(k + 1, len(blocks))
-    nd = status != DONE  # never computed, or a read fault: NaN at every setting
-    if nd.any():
-        unc[:, nd] = np.nan
-        for s in sims:
-            s[:, nd] = np.nan
-    secs = {"read_z_img": t_read, "fusion": t_fuse, "cube_total": time.perf_counter() - t0}
+
+    def put(w, sim, u):
+        for q in range(len(sims)):
+            sims[q][(..., *w.slices)] = sim[q]
+        unc[(..., *w.slices)] = u
+
+    secs = _fill(store, queries, model, metadata, axes, put, progress)
     return QueryCube(axes, tuple(spec.zoom_levels), list(queries), sims, unc, metadata, secs)
+
+
+def stream_cube(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
+                axes: TimeAxes, scratch: str | os.PathLike,
+                progress: Callable[[int, int], None] | None = None) -> QueryCube:
+    """:func:`cube_store` computed tile by tile into the Zarr ``scratch`` (chunks = the cube's
+    tiles, each written once, whole), returned as lazy dask arrays read from it: memory holds one
+    tile, whatever the cube's size. The caller removes ``scratch`` after writing the outputs."""
+    import dask.array as da
+    import zarr
+
+    spec = store.spec
+    S, Z, H, W = len(axes), len(spec.zoom_levels), spec.height, spec.width
+    t = chunk_tile(axes, H, W)
+    g = zarr.open_group(str(scratch), mode="w-", zarr_format=2)
+    names = [f"sim{q}" for q in range(len(queries))] + ["unc"]
+    arrs = [g.create_array(n, shape=(S, Z, H, W), chunks=(S, 1, t, t), dtype="float32", fill_value=np.nan)
+            for n in names]
+
+    def put(w, sim, u):
+        for q in range(len(queries)):
+            arrs[q][(slice(None), slice(None), *w.slices)] = sim[q]
+        arrs[-1][(slice(None), slice(None), *w.slices)] = u
+
+    secs = _fill(store, queries, model, metadata, axes, put, progress)
+    lazy = [da.from_zarr(str(scratch), component=n) for n in names]
+    return QueryCube(axes, tuple(spec.zoom_levels), list(queries), lazy[:-1], lazy[-1], metadata, secs)
 
 
 # ---------------------------------------------------------------------------- one place
@@ -302,7 +299,6 @@ def point_profile(store: EmbeddingStore, queries: Sequence[Query], model, metada
                   axes: TimeAxes, lon: float, lat: float) -> PointProfile:
     """The cube at the one store pixel that holds (``lon``, ``lat``): the same numbers as
     :func:`cube_store` there (the pixel's centre gives the location metadata, as in the map)."""
-    check_dense_store(store)
     from affine import Affine
     from pyproj import CRS, Transformer
 
@@ -320,28 +316,13 @@ def point_profile(store: EmbeddingStore, queries: Sequence[Query], model, metada
     if not (st == DONE).any():
         raise InputError(f"--point {lon:g},{lat:g} falls on a store pixel that was never computed (row {row}, "
                          f"column {col}): give a place inside the mapped region", option="point")
-    qm, qvs, _ = prepare_query(store, queries, None)
-    z = store.read("z_img", slice(row, row + 1), slice(col, col + 1))  # [Z, 1, 1, D]
-    Z = z.shape[0]
-    plon, plat = _LonLat(store)(_PixelBlock(row, col))
-    sim, unc = fuse_settings(model, z.reshape(Z, -1), np.repeat(plon.reshape(-1), Z), np.repeat(plat.reshape(-1), Z),
-                             metadata, axes.settings, qm, qvs)
-    sim[:, :, st != DONE] = np.nan
-    unc[:, st != DONE] = np.nan
+    qmat = query_matrix(list(queries), spec.probabilistic)
+    sim, unc = tile_cube(store, qmat, setting_refusions(store, model, metadata, axes), Window(row, col, 1, 1))
+    sim, unc = sim[..., 0, 0], unc[..., 0, 0]  # [Q, S, Z], [S, Z]
     tr = Affine(*spec.transform)
     cx, cy = tr @ (col + 0.5, row + 0.5)
     return PointProfile(float(lon), float(lat), row, col, float(cx), float(cy), axes, tuple(spec.zoom_levels),
                         list(queries), sim, unc)
-
-
-@dataclass
-class _PixelBlock:
-    """A one-pixel block for :class:`~psm_mapping.query._LonLat`."""
-
-    row_off: int
-    col_off: int
-    height: int = 1
-    width: int = 1
 
 
 # ---------------------------------------------------------------------------- the drivers' hooks
@@ -367,18 +348,19 @@ def check_cube_run(cfg, model_config, metadata: MetadataOptions, zooms: int | No
     return axes
 
 
-def cube_maps(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg) -> QueryCube:
-    """:func:`cube_store` for a run's config (what ``map_region`` and ``map_from_store`` call),
-    with a progress bar over the blocks unless ``cfg.progress`` is off."""
+def _bar(store: EmbeddingStore, axes: TimeAxes, cfg):
     from tqdm.auto import tqdm
 
+    spec = store.spec
+    n = len(cube_tiles(store, chunk_tile(axes, spec.height, spec.width)))
+    bar = tqdm(total=n, unit="tile", desc=f"cube ({len(axes)} settings)", disable=not cfg.progress)
+    return bar, (lambda done, total: bar.update(done - bar.n))
+
+
+def cube_maps(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg) -> QueryCube:
+    """:func:`cube_store` (in memory) for a run's config, with a progress bar over the tiles."""
     axes = TimeAxes.from_config(cfg)
-    bar = tqdm(total=int(store.done_mask().sum()), unit="block", desc=f"cube ({len(axes)} settings)",
-               disable=not cfg.progress)
-
-    def progress(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-
+    bar, progress = _bar(store, axes, cfg)
     try:
         return cube_store(store, queries, model, metadata, axes, progress=progress)
     finally:
@@ -392,6 +374,41 @@ def write_cube(cube: QueryCube, grid_or_store, tags: dict, region, cfg) -> dict:
     result = build_cube_result(cube, grid_or_store, tags, region, score=cfg.score)
     return write_cube_outputs(result, cfg.out, fmt=cfg.format, layout=cfg.cube_layout, previews=cfg.previews,
                               overwrite=cfg.overwrite, progress=cfg.progress)
+
+
+def scratch_path(out) -> "os.PathLike":
+    """The scratch Zarr of a streamed cube: hidden beside ``out`` (inside the user's folder)."""
+    from .outputs.staging import local_path
+
+    p = local_path(out)
+    return p.with_name(f".{p.name.rstrip('/')}.cube-scratch-{os.getpid()}.zarr")
+
+
+def answer_cube(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg, grid_or_store,
+                tags: dict, region=None) -> tuple[dict, QueryCube, float]:
+    """Compute and write the cube of a run's config: in memory up to :func:`eager_limit` bytes,
+    else streamed tile by tile through a scratch Zarr beside ``cfg.out`` (removed afterwards) into
+    the lazy writers. Returns (outputs, the cube, the clock when the cube was computed)."""
+    import shutil
+    import time
+
+    from .outputs.staging import is_local
+
+    axes = TimeAxes.from_config(cfg)
+    stream = cube_bytes(store, len(queries), len(axes)) > eager_limit() and is_local(cfg.out)
+    scratch = scratch_path(cfg.out) if stream else None
+    bar, progress = _bar(store, axes, cfg)
+    try:
+        try:
+            cube = (stream_cube(store, queries, model, metadata, axes, scratch, progress) if stream
+                    else cube_store(store, queries, model, metadata, axes, progress))
+        finally:
+            bar.close()
+        t = time.perf_counter()
+        return write_cube(cube, grid_or_store, tags, region, cfg), cube, t
+    finally:
+        if scratch is not None and os.path.exists(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def profile_from_store(store_url: str, cfg, point) -> tuple[PointProfile, dict]:

@@ -1,4 +1,5 @@
-"""The local driver: region -> grid -> imagery -> chips -> embeddings (store) -> query maps -> outputs.
+"""The builder: region -> grid -> imagery -> chips -> embeddings (store); the answer (maps or a
+cube, then outputs) is :mod:`psm_mapping.answer`'s.
 
 ``map_region(MapConfig(...))`` is what ``psm-map REGION --query ...`` calls; a notebook can call it
 too. Blocks run in order with prefetch (block k+1 is read while block k is on the model); the dask
@@ -7,12 +8,11 @@ driver (``distributed.py``) calls the same ``embed_block`` per block.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,13 +24,14 @@ from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default
 from .embed import (ImageEmbedder, MetadataOptions, Timings, cut_batches, embed_windows, read_block,
                     resolve_device)
 from .pipeline import PipelineStats, default_readers, stream_units
-from .errors import ImageryError, InputError, StoreError
+from .errors import ImageryError, InputError
 from .grid import OutputGrid, make_grid
 from .tiling import ChipReader
 from .offline import set_offline
 from .model.checkpoint import file_sha256
-from .outputs import build_map_result, describe_outputs, write_outputs
-from .query import build_queries, query_store
+from .answer import answer_store, check_answer, map_from_store  # noqa: F401  (public here too)
+from .outcome import MapRun, fault_message  # noqa: F401  (public here too)
+from .query import build_queries
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
 from .session import (compute_dtype, load_model, metadata_tags, record_text_setup,  # noqa: F401
                       reuse_text_setup)
@@ -38,62 +39,6 @@ from .zoomgrid import zoom_factors, zoom_grid
 from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MapRun:
-    """What a run produced and what it cost."""
-
-    outputs: dict[str, Any]
-    store: str
-    pixels: int
-    chips: int = 0
-    blocks_total: int = 0
-    blocks_computed: int = 0
-    image_model_calls: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    faults: int = 0
-    #: dask runs only: blocks that ran more than once (worker lost or task error retried)
-    blocks_retried: int | None = None
-    #: region pixel-zooms that are NaN in the map because an imagery read failed
-    fault_pixels: int = 0
-    #: readers' mean queue depth (blocks read ahead when the model asked for the next one)
-    queue_depth: float = 0.0
-
-    @classmethod
-    def from_timings(cls, outputs: dict, store: str, t_start: float, marks: Sequence[tuple[str, float]],
-                     detail: dict[str, float] | None = None, **counts) -> "MapRun":
-        """A run from ``write_outputs``' answer and clock readings: ``marks`` are (stage, end time)
-        in order, each stage's seconds counted from the previous mark (the first from ``t_start``);
-        ``detail`` (e.g. read / model seconds) is listed after the first stage; ``total`` last."""
-        seconds: dict[str, float] = {}
-        prev = t_start
-        for i, (name, t) in enumerate(marks):
-            seconds[name] = t - prev
-            prev = t
-            if i == 0 and detail:
-                seconds.update(detail)
-        seconds["total"] = prev - t_start
-        return cls(outputs=describe_outputs(outputs), store=store, seconds=seconds, **counts)
-
-    def summary(self) -> str:
-        s = self.seconds
-        retried = "" if self.blocks_retried is None else f"; blocks retried {self.blocks_retried}"
-        lines = [f"pixels {self.pixels:,}; chips embedded {self.chips:,}; blocks {self.blocks_computed} "
-                 f"computed / {self.blocks_total} total{retried}; tile faults {self.faults}",
-                 "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()),
-                 f"store: {self.store}"]
-        for k, v in self.outputs.items():
-            lines.append(f"{k}: {v}")
-        if self.fault_pixels:
-            lines.append(fault_message(self.fault_pixels))
-        return "\n".join(lines)
-
-
-def fault_message(fault_pixels: int) -> str:
-    """The line that says a map has holes from failed reads, and how they heal."""
-    return (f"{fault_pixels:,} pixel-zooms are masked (NaN) because imagery reads failed (tile "
-            "server errors after retries): rerun the same command to retry exactly those")
 
 
 def provenance(model, ckpt_sha: str, source, grid: OutputGrid, md: MetadataOptions, cfg: MapConfig) -> dict:
@@ -312,10 +257,7 @@ def prepare_run(cfg: MapConfig, log_fn=print) -> PreparedRun:
     region = load_region(cfg.region, bbox=cfg.bbox, feature=cfg.feature)
     # model, tokenizer and query files next: their errors come before any long work
     model, ckpt, device = load_model(cfg)
-    if cfg.is_cube:  # a month x hour cube: refused here if the model cannot make it
-        from .cube import check_cube_run
-
-        check_cube_run(cfg, model.config, md)
+    check_answer(cfg, model.config, md)  # e.g. a month x hour cube the model cannot make
     if cfg.batch_size == "auto":
         from .embed import auto_batch_size
 
@@ -368,13 +310,12 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
             fill.faults += f.faults
             t_embed = time.perf_counter()
             fault_pixels = check_faults(store, grid, source)
-            try:
-                if cfg.is_cube:
-                    from .cube import cube_maps
-
-                    maps = cube_maps(store, prep.queries, prep.model, prep.md, cfg)
-                else:
-                    maps = query_store(store, prep.queries, model=prep.model, metadata=prep.md)
+            tags = dict(prep.tags)
+            if fault_pixels:
+                tags["imagery_faults"] = fault_message(fault_pixels)
+            try:  # the answer (map or cube), through the views over the engine
+                outputs, t_query, _ = answer_store(store, prep.queries, prep.model, prep.md, cfg, grid, tags,
+                                                   prep.region)
                 break
             except CorruptChunkError as exc:
                 bad = store.find_corrupt_blocks()
@@ -383,18 +324,6 @@ def map_region(cfg: MapConfig, log_fn=print) -> MapRun:
                 log_fn(f"store: {len(bad)} block(s) with corrupt chunks ({str(exc).split(' (')[0]}); "
                        "computing them again")
                 store.reset_blocks(bad)
-    t_query = time.perf_counter()
-    tags = dict(prep.tags)
-    if fault_pixels:
-        tags["imagery_faults"] = fault_message(fault_pixels)
-    if cfg.is_cube:
-        from .cube import write_cube
-
-        outputs = write_cube(maps, grid, tags, prep.region, cfg)
-    else:
-        result = build_map_result(maps, grid, tags, prep.region, score=cfg.score)
-        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
-                                progress=cfg.progress)
     t_end = time.perf_counter()
     return MapRun.from_timings(
         outputs, prep.store_url, prep.t_start,
@@ -426,64 +355,3 @@ def check_faults(store: EmbeddingStore, grid: OutputGrid, source=None) -> int:
                            f"{name} (tile server errors after retries): no map written; rerun "
                            "when the server answers again (finished pixels are kept)")
     return n
-
-
-def map_from_store(store_url: str, cfg: MapConfig, log_fn=print) -> MapRun:
-    """Maps from an existing store: no imagery and no image inference, only the query pass."""
-    t0 = time.perf_counter()
-    cfg.check_output_name()
-    cfg.month, cfg.hour = check_month(cfg.month), check_hour(cfg.hour)
-    cfg.check_time()
-    if cfg.offline:
-        set_offline()
-    from .session import open_session
-
-    store = EmbeddingStore.open(store_url, storage_options=cfg.store_options or None)
-    _check_output(cfg.out, cfg.overwrite, cfg.previews)
-    session = open_session(store_url, cfg.checkpoint, encoders=("text", "audio") if cfg.audio else ("text",),
-                           clap_config=cfg.clap_config, tokenizer=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype,
-                           storage_options=cfg.store_options or None, progress=cfg.progress, log_fn=log_fn)
-    store, model = session.store, session.model
-    cfg.tokenizer = session.tokenizer
-    prov = dict(store.attrs.get("provenance", {}))
-    md = MetadataOptions(cfg.month, cfg.hour, cfg.audio_source, cfg.caption_source, cfg.fuse)
-    if cfg.is_cube:
-        from .cube import check_cube_run
-
-        check_cube_run(cfg, model.config, md, zooms=len(store.spec.zoom_levels))
-    queries = session.queries(cfg.queries, cfg.audio, combine=cfg.combine,
-                              storage_options=cfg.store_options or None)
-    t1 = time.perf_counter()
-    if cfg.is_cube:
-        from .cube import cube_maps
-
-        maps = cube_maps(store, queries, model, md, cfg)
-    else:  # in memory when small, else streamed window by window into the writers (bounded memory)
-        from .query import answer_maps
-
-        maps = answer_maps(store, queries, model=model, metadata=md)
-    prov.update(metadata_tags(model, md))
-    fault_pixels = int((store.status() == FAULT).sum())
-    if fault_pixels:  # holes from failed reads: the map says so (the map run retries them)
-        prov["imagery_faults"] = fault_message(fault_pixels).replace(
-            "rerun the same command", "rerun the map command that built the store")
-    if cfg.is_cube:
-        from .cube import write_cube
-
-        outputs = write_cube(maps, store, prov, None, cfg)
-    else:
-        result = build_map_result(maps, store, prov, None, score=cfg.score)
-        outputs = write_outputs(result, cfg.out, fmt=cfg.format, previews=cfg.previews, overwrite=cfg.overwrite,
-                                progress=cfg.progress)
-    t2 = time.perf_counter()
-    done = store.done_mask()
-    if cfg.is_cube:
-        first = maps.similarity[0].reshape(-1, *maps.similarity[0].shape[-2:])[0]  # first zoom (and setting)
-        pixels = int(np.isfinite(first).sum())
-    else:
-        from .maps import counted_pixels
-
-        pixels = counted_pixels(store)
-    return MapRun.from_timings(outputs, store_url, t0, [("setup", t1), ("query", t2)],
-                               pixels=pixels, blocks_total=int(done.sum()),
-                               fault_pixels=fault_pixels)

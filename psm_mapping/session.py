@@ -170,8 +170,9 @@ class Session:
         from .query import build_queries
         from .textcache import text_cache_for
 
-        cache = text_cache_for(self.store.url, self.model, self.checkpoint_sha256, self.tokenizer,
-                               storage_options) if texts else None
+        url = getattr(self.store, "url", None)
+        cache = text_cache_for(url, self.model, self.checkpoint_sha256, self.tokenizer,
+                               storage_options) if texts and url else None
         return build_queries(self.model, texts, audio, tokenizer=self.tokenizer, combine=combine, seed=seed,
                              max_audio_seconds=max_audio_seconds, text_cache=cache)
 

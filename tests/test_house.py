@@ -24,7 +24,7 @@ MAX_LINES = 450
 #: grow (the lead shrinks this list as they are split)
 OVERSIZED = {
     "psm_mapping/serve/engine.py": 490,
-    "psm_mapping/run.py": 488,
+    "psm_mapping/run.py": 357,
 }
 
 

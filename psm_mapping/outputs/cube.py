@@ -36,7 +36,8 @@ from pyproj import CRS
 from ..errors import InputError, OutputError
 from .results import MapBand, MapResult, full_tags, safe_name
 from .staging import Stage, is_local, local_path, raw_bytes, staged_all
-from .cube_result import CUBE_SOURCE, CubeResult, _as_map, build_cube_result, cube_tags  # noqa: F401  (public here too)
+from .cube_result import (CUBE_SOURCE, CubeResult, _as_map, build_cube_result, cube_tags,  # noqa: F401
+                          preview_data)
 
 #: bands past which one multi-band COG is refused (use Zarr or the folder layout)
 MAX_COG_BANDS = 200
@@ -44,12 +45,15 @@ MAX_COG_BANDS = 200
 CHUNK_BYTES = 1 << 20
 
 
+def tile_side(inner: int) -> int:
+    """``T``: the multiple of 16 (32..512) that makes a chunk of ``inner`` settings ~1 MiB."""
+    return max(32, min(512, int(np.sqrt(CHUNK_BYTES / (4 * inner))) // 16 * 16))
+
+
 def cube_chunks(result: CubeResult) -> dict[str, int]:
     """Chunk sizes per dim (see the module docstring): 1 month, every hour, 1 zoom, ``T x T``."""
     h, w = result.shape
-    inner = len(result.hours) if result.hours is not None else (len(result.months) if result.months else 1)
-    tile = int(np.sqrt(CHUNK_BYTES / (4 * inner))) // 16 * 16
-    tile = max(32, min(512, tile))
+    tile = tile_side(len(result.hours) if result.hours is not None else (len(result.months) if result.months else 1))
     out = {"zoom": 1, "y": min(h, tile), "x": min(w, tile)}
     if result.months is not None:
         out["month"] = 1 if result.hours is not None else len(result.months)
@@ -85,7 +89,12 @@ def cube_dataset(result: CubeResult):
         attrs = {"band_name": v.name, "description": v.description, "long_name": v.description, "kind": v.kind}
         if v.query is not None:
             attrs["query"] = str(v.query)
-        data_vars[var] = xr.DataArray(np.asarray(v.data, np.float32).reshape(shape), dims=dims, attrs=attrs)
+        if hasattr(v.data, "dask"):  # a streamed cube: written chunk by chunk
+            ch = cube_chunks(result)
+            data = v.data.astype(np.float32).reshape(shape).rechunk(tuple(ch[d] for d in dims))
+        else:
+            data = np.asarray(v.data, np.float32).reshape(shape)
+        data_vars[var] = xr.DataArray(data, dims=dims, attrs=attrs)
     ds = xr.Dataset(data_vars, coords=coords)
     ds.x.attrs.update({"axis": "X", "standard_name": "projection_x_coordinate", "units": "m",
                        "long_name": "x coordinate of pixel centre"})
@@ -169,7 +178,7 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
     staged and swapped into place together. Returns ``{"map": ..., "stac": ..., "previews":
     [...], "html": ...}`` (``"files"``: the folder's COGs)."""
     from . import cube_preview
-    from .cog import write_cog_file
+    from .cog import write_cog_any
     from .qml import qml_path, write_qml
     from .stac import stac_path
     from .write import default_preview_dir
@@ -200,14 +209,14 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
             to_zarr(cube_dataset(result), str(tmp))
         elif layout == "bands":
             mr = bands_result(result)
-            write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp)
+            write_cog_any(mr, [_band(b.data) for b in mr.bands], tmp)
             write_qml(style.tmp, kind, None, vrange)
         else:
             tmp.mkdir()
             for s in range(len(result.settings)):
                 mr = result.slice_result(s)
                 name = folder_file(target, result, s)
-                write_cog_file(mr, [np.asarray(b.data, np.float32) for b in mr.bands], tmp / name)
+                write_cog_any(mr, [_band(b.data) for b in mr.bands], tmp / name)
                 write_qml(qml_path(tmp / name), kind, None, vrange)
                 files.append(name)
         stages[1].tmp.write_text(cube_item_json(result, target, layout, files), encoding="utf-8")
@@ -226,6 +235,11 @@ def write_cube_outputs(result: CubeResult, out: str | os.PathLike, fmt: str = "z
     return outputs
 
 
+def _band(a):
+    """A band for the COG writers: dask stays lazy (the streamed writer), else float32 NumPy."""
+    return a.astype(np.float32) if hasattr(a, "dask") else np.asarray(a, np.float32)
+
+
 def first_band_range(result: CubeResult) -> tuple[str, tuple[float, float]]:
     """(kind, colour range) of the band QGIS shows first in every COG of the cube (the first
     variable at the first zoom): the cube previews' one range over every setting, so the month
@@ -234,7 +248,7 @@ def first_band_range(result: CubeResult) -> tuple[str, tuple[float, float]]:
 
     sims = [v for v in result.variables if v.kind != "uncertainty"]
     v = (sims or result.variables)[0]
-    return v.kind, cube_range(v.kind, v.data[:, 0])
+    return v.kind, cube_range(v.kind, preview_data(v.data)[:, 0])
 
 
 # --------------------------------------------------------------------------- STAC
@@ -253,7 +267,7 @@ def cube_item_json(result: CubeResult, target: Path, layout: str, files: list[st
     tags.update(cube_tags(result))
     valid = np.zeros(result.shape, bool)
     for v in result.variables:
-        valid |= np.isfinite(v.data).any(axis=(0, 1))
+        valid |= np.asarray(np.isfinite(v.data).any(axis=(0, 1)))
     geometry = _valid_geometry(valid, result.transform, result.crs) or mapping(
         box(*lonlat_bounds(result.crs, _as_map(result).bounds())))
     try:

@@ -142,7 +142,7 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
     staging: :func:`~psm_mapping.outputs.cube.write_cube_outputs` stages it). Returns the names."""
     from tqdm.auto import tqdm
 
-    from .cube_result import cube_tags
+    from .cube_result import cube_tags, preview_data
     from .results import full_tags
 
     out.mkdir()
@@ -150,19 +150,24 @@ def write_cube_previews(result, out: Path, progress: bool = False) -> list[str]:
     names, entries = [], []
     jobs = [(v, k, z) for v in result.variables if v.kind != "score" for k, z in enumerate(result.zoom_levels)]
     px = page_frame_px(len(jobs) * len(result.settings))
+    small: dict[int, np.ndarray] = {}  # per variable: as is, or a streamed cube's block means
     for v, k, z in tqdm(jobs, desc="cube previews", unit="panel", disable=not progress):
         cmap = COLORMAPS[v.kind]
-        vrange = cube_range(v.kind, v.data[:, k])
+        if id(v) not in small:
+            small.clear()
+            small[id(v)] = preview_data(v.data, FRAME_DATA_PX)
+        data = small[id(v)]
+        vrange = cube_range(v.kind, data[:, k])
         stem = safe_name(f"{v.name}_z{z}", taken)
         title = f"{v.description} at zoom {z}"
-        frames = [frame_image(v.data[s, k], title, f"{setting_label(*result.settings[s])}   (one colour scale "
+        frames = [frame_image(data[s, k], title, f"{setting_label(*result.settings[s])}   (one colour scale "
                               "for every frame)", cmap, vrange) for s in range(len(result.settings))]
         (out / f"{stem}.gif").write_bytes(animation_gif(frames))
-        (out / f"{stem}_grid.png").write_bytes(grid_png(result, v.data, k, title, cmap, vrange))
+        (out / f"{stem}_grid.png").write_bytes(grid_png(result, data, k, title, cmap, vrange))
         names += [f"{stem}.gif", f"{stem}_grid.png"]
         entries.append({"name": v.name, "zoom": z, "description": title, "kind": v.kind, "cmap": cmap,
                         "vmin": vrange[0], "vmax": vrange[1], "gif": f"{stem}.gif", "grid": f"{stem}_grid.png",
-                        "frames": [_frame_png(v.data[s, k], cmap, vrange, px) for s in range(len(result.settings))]})
+                        "frames": [_frame_png(data[s, k], cmap, vrange, px) for s in range(len(result.settings))]})
     tags = full_tags(_map_like(result))
     tags.update(cube_tags(result))
     page = html_cube_page(result, entries, tags)

@@ -141,6 +141,11 @@ def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool 
         crs, transform, mask = CRS.from_wkt(spec.crs_wkt), affine.Affine(*spec.transform), None
 
     def masked(a):
+        if hasattr(a, "dask"):  # a streamed cube stays lazy
+            import dask.array as da
+
+            a = a.astype(np.float32)
+            return a if mask is None else da.where(np.asarray(mask), a, np.float32(np.nan)).astype(np.float32)
         a = np.asarray(a, np.float32)
         return a if mask is None else np.where(mask, a, np.nan).astype(np.float32)
 
@@ -153,8 +158,15 @@ def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool 
                                       f"{what} to {q.kind} query '{q.label}'", data, q.label))
         if score:
             with np.errstate(all="ignore"):
-                lo = np.nanmin(data, axis=(0, 2, 3), keepdims=True)
-                hi = np.nanmax(data, axis=(0, 2, 3), keepdims=True)
+                if hasattr(data, "dask"):  # one streamed pass for the range, the score stays lazy
+                    import dask
+                    import dask.array as da
+
+                    lo, hi = (np.asarray(x) for x in dask.compute(da.nanmin(data, axis=(0, 2, 3), keepdims=True),
+                                                                   da.nanmax(data, axis=(0, 2, 3), keepdims=True)))
+                else:
+                    lo = np.nanmin(data, axis=(0, 2, 3), keepdims=True)
+                    hi = np.nanmax(data, axis=(0, 2, 3), keepdims=True)
             sc = ((data - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
             variables.append(CubeVariable(f"score:{q.label}", "score", f"0-1 score for '{q.label}' (one scale "
                                           "over the cube)", sc, q.label))
@@ -173,7 +185,23 @@ def build_cube_result(cube, grid_or_store, tags: dict, region=None, score: bool 
                       CRS.from_user_input(crs), transform, t, geojson)
 
 
-# --------------------------------------------------------------------------- Zarr
+def preview_data(a, max_px: int = 256) -> np.ndarray:
+    """``a`` ``[S, Z, H, W]`` for previews and colour ranges: NumPy as it is; a streamed (dask)
+    cube as NaN-aware block means whose longer side is at most ``max_px`` (one pass, small)."""
+    if not hasattr(a, "dask"):
+        return a
+    import math
+
+    import dask.array as da
+
+    f = max(1, math.ceil(max(a.shape[-2:]) / max_px))
+    if f == 1:
+        return np.asarray(a.compute(), np.float32)
+    ok = da.isfinite(a)
+    s = da.coarsen(np.sum, da.where(ok, a, 0.0), {2: f, 3: f}, trim_excess=True)
+    n = da.coarsen(np.sum, ok.astype(np.float32), {2: f, 3: f}, trim_excess=True)
+    return np.asarray(da.where(n > 0, s / da.maximum(n, 1), np.nan).astype(np.float32).compute())
+
 
 
 def _as_map(result: CubeResult) -> MapResult:

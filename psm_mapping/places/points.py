@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,22 +185,14 @@ def score_point_store(store_url: str, cfg: PointsConfig, log_fn=print) -> Points
     optional, to keep a table's columns and per-site metadata), no imagery, no image inference."""
     import pandas as pd
 
-    from ..model.checkpoint import file_sha256
     from ..offline import set_offline
-    from ..query import build_queries
-    from ..session import load_model, reuse_text_setup
+    from ..session import open_session
 
     t0 = time.perf_counter()
     cfg.validate()
     if cfg.offline:
         set_offline()
     store = PointStore.open(store_url)
-    if not cfg.checkpoint:
-        import os
-
-        if not os.environ.get("PSM_CHECKPOINT"):
-            cfg.checkpoint = store.attrs.get("checkpoint_path")
-    reuse_text_setup(store, cfg)
     keys = store.lonlat
     if cfg.sites is not None:
         sites = _sites(cfg)
@@ -213,13 +205,15 @@ def score_point_store(store_url: str, cfg: PointsConfig, log_fn=print) -> Points
                       name=store.attrs.get("sites_name", "sites"))
         inverse = np.arange(len(keys))
     cfg.zoom_levels = tuple(store.spec.zoom_levels)
-    model, ckpt, _ = load_model(cfg)
-    sha = file_sha256(ckpt)
-    if sha != store.spec.checkpoint_sha256:
-        raise StoreError(f"{Path(ckpt).name} is not the checkpoint this point store was built with (sha256 "
-                         f"{sha[:12]} != {store.spec.checkpoint_sha256[:12]}): pass the same --checkpoint")
+    # the answering preamble of every store: the checkpoint the store names (refused when not the
+    # store's), its tokenizer and CLAP config, only the query towers (fusion reads the stored z_img)
+    session = open_session(store, cfg.checkpoint, encoders=("text", "audio") if cfg.audio else ("text",),
+                           clap_config=cfg.clap_config, tokenizer=cfg.tokenizer, device=cfg.device,
+                           dtype=getattr(cfg, "dtype", "auto"), progress=cfg.progress, log_fn=log_fn)
+    model = session.model
+    cfg.checkpoint, cfg.tokenizer = str(session.checkpoint), session.tokenizer
     md = _metadata_options(cfg)
-    queries = build_queries(model, cfg.queries, cfg.audio, tokenizer=cfg.tokenizer, combine=cfg.combine)
+    queries = session.queries(cfg.queries, cfg.audio, combine=cfg.combine)
     t1 = time.perf_counter()
     table, invalid = site_table(sites, inverse, store, model, queries, md)
     prov = {**dict(store.attrs.get("provenance", {})), **_table_tags(store, queries, store.spec.zoom_levels, model)}
