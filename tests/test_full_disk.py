@@ -69,23 +69,24 @@ def assert_one_line(p: subprocess.CompletedProcess, *words: str) -> str:
     return line
 
 
-@pytest.mark.parametrize("what", ["cog", "zarr", "stac", "previews"])
+@pytest.mark.parametrize("what", ["cog", "zarr", "style", "stac", "previews"])
 def test_full_disk_under_each_writer_is_one_line(inp, disk, tmp_path, what):
     name = "m.zarr" if what == "zarr" else "m.tif"
     args = lambda out: base_args(inp, out, "--store", str(tmp_path / "store"),  # noqa: E731
                                  "--query", "birds")
     leave = 0
-    if what in ("stac", "previews"):  # room for the map (and the STAC Item), not for the rest
+    # the writers in their order: the map, its QGIS style, the STAC Item, the previews; room for
+    # those before ``what``, not for ``what``
+    before = {"style": [name], "stac": [name, "m.qml"], "previews": [name, "m.qml", f"{name}.stac.json"]}
+    if what in before:
         ref = tmp_path / "ref"
         ref.mkdir()
         r = cli(args(ref / name), tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
-        leave = pages(ref / name) * PAGE
-        if what == "previews":
-            leave += pages(ref / f"{name}.stac.json") * PAGE
+        leave = sum(pages(ref / f) for f in before[what]) * PAGE
     fill(disk, leave)
     p = cli(args(disk / name), tmp_path)
-    target = {"stac": f"{name}.stac.json", "previews": f"{name}.preview"}.get(what, name)
+    target = {"style": "m.qml", "stac": f"{name}.stac.json", "previews": f"{name}.preview"}.get(what, name)
     line = assert_one_line(p, f"cannot write {disk / target}:", f"in {disk}:", "--out")
     print(what, "->", line)
     assert sorted(os.listdir(disk)) == ["filler"]  # nothing at the final names, no staged files

@@ -548,7 +548,6 @@ def test_connection_xml_format_and_escaping():
 
 def test_connection_xml_from_the_explorer_loads_in_qgis(tmp_path, inp, plugins):
     needs_qgis()
-    import httpx
     from pyproj import Transformer
 
     from test_serve import Server
@@ -561,9 +560,11 @@ def test_connection_xml_from_the_explorer_loads_in_qgis(tmp_path, inp, plugins):
     try:
         r = server.get("/api/qgis-connection.xml", params={"text": "birds", "month": "5"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+        (node,) = ET.fromstring(r.text.split("\n", 1)[1]).findall("xyztiles")
+        assert node.get("url").startswith(server.url + "/tiles/{z}/{x}/{y}.png?text=birds")
+        # a foreign Host (DNS rebinding) is refused before any route: its URL never reaches the file
         spoofed = server.get("/api/qgis-connection.xml", params={"text": "birds"}, headers={"Host": "evil.example:80"})
-        (node,) = ET.fromstring(spoofed.text.split("\n", 1)[1]).findall("xyztiles")
-        assert node.get("url").startswith(server.url + "/tiles/{z}/{x}/{y}.png?text=birds")  # never the Host header
+        assert spoofed.status_code == 400 and "error" in spoofed.json(), spoofed.text
         for params, status in (({"text": "birds", "band": "nope"}, 400), ({}, 400),
                                ({"text": "birds", "month": "13"}, 400)):
             bad = server.get("/api/qgis-connection.xml", params=params)
@@ -614,17 +615,22 @@ def test_processing_assess_when_psm_map_has_it(tmp_path, plugins, inp):
     needs_qgis()
     from pyproj import Transformer
 
-    from test_map_e2e import LEFT, RES, SIZE, TOP
+    import numpy as np
+    import rasterio
 
     out = tmp_path / "map.tif"
     assert main(base_args(inp, out, "--query", "birds", "--no-previews")) == 0
-    tr = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True)
-    cx, cy = LEFT + SIZE * RES / 2, TOP - SIZE * RES / 2
+
+    with rasterio.open(out) as src:  # sites at 16 pixel centres of the map that hold a value
+        band = src.read(1)
+        rows, cols = np.nonzero(np.isfinite(band))
+        pick = np.linspace(0, len(rows) - 1, 16).astype(int)
+        xy = [src.xy(int(rows[k]), int(cols[k])) for k in pick]
+        tr = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
     obs = tmp_path / "obs.geojson"
     obs.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "properties": {"present": i % 2},
-         "geometry": {"type": "Point", "coordinates": list(tr.transform(cx - 140 + 20 * i, cy - 140 + 10 * i))}}
-        for i in range(8)]}))
+         "geometry": {"type": "Point", "coordinates": list(tr.transform(*p))}} for i, p in enumerate(xy)]}))
     report = tmp_path / "report.json"
     got = run_qgis("""
         OUT["algs"] = sorted(a.id() for a in reg.providerById("psm").algorithms())
