@@ -233,9 +233,10 @@ class TextModel(nn.Module):
             keep = attention_mask.bool()
             # trailing columns padded in every row change nothing (masked keys weigh exactly 0,
             # and only the first token is pooled): drop them, a 128-token batch of short texts
-            # costs what its longest text costs
+            # costs what its longest text costs. Not in training: dropout's random draws follow
+            # the tensor shapes, and a batch split over DDP ranks must draw as the whole batch does
             cols = keep.any(0).nonzero()
-            n = int(cols.max()) + 1 if cols.numel() else 1
+            n = int(cols.max()) + 1 if cols.numel() and not self.training else keep.shape[1]
             input_ids, keep = input_ids[:, :n], keep[:, :n]
             mask = None if bool(keep.all()) else keep[:, None, None, :]
         return self.pooler(self.encoder(self.embeddings(input_ids), mask))
