@@ -293,7 +293,7 @@ def resample_window(values: np.ndarray, ok: np.ndarray, factor: int, cells: tupl
     first cell is ``cells = (row, col)`` of a zoom grid of ``grid_cells`` cells -> the window's
     output pixels ``[..., height, width]`` (bilinear, NaN-aware, the same arithmetic per pixel).
     The cells must cover the window plus one cell of halo (:func:`read_plane` ``halo=1``)."""
-    from .zoomgrid import axis_weights
+    from .zoomgrid import axis_weights, blend
 
     v = np.asarray(values, np.float32)
     f = int(factor)
@@ -301,25 +301,7 @@ def resample_window(values: np.ndarray, ok: np.ndarray, factor: int, cells: tupl
     W = window.col_off + window.width
     i0, i1, wy = (a[window.row_off:] for a in axis_weights(H, grid_cells[0], f))
     j0, j1, wx = (a[window.col_off:] for a in axis_weights(W, grid_cells[1], f))
-    i0, i1, j0, j1 = i0 - cells[0], i1 - cells[0], j0 - cells[1], j1 - cells[1]
-    okf = np.asarray(ok, bool)
-    num = np.zeros(v.shape[:-2] + (window.height, window.width), np.float32)
-    den = np.zeros_like(num)
-    bad = np.zeros((window.height, window.width), bool)
-    for ii, wyy in ((i0, 1.0 - wy), (i1, wy)):
-        for jj, wxx in ((j0, 1.0 - wx), (j1, wx)):
-            wt = (wyy[:, None] * wxx[None, :]).astype(np.float32)
-            pos = wt > 0
-            bad |= pos & ~okf[ii][:, jj]
-            vv = v[..., ii, :][..., jj]
-            fin = np.isfinite(vv)
-            num += np.where(fin, vv, 0.0) * wt
-            den += fin * wt
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / den
-    out[den <= 0] = np.nan
-    out[..., bad] = np.nan
-    return out.astype(np.float32, copy=False)
+    return blend(v, ok, (i0 - cells[0], i1 - cells[0], wy), (j0 - cells[1], j1 - cells[1], wx))
 
 
 @dataclass

@@ -137,12 +137,18 @@ def resample(values: np.ndarray, ok: np.ndarray, factor: int, out_shape: tuple[i
         out[..., ~np.asarray(ok, bool)[:H, :W]] = np.nan
         return out
     h, w = v.shape[-2:]
-    i0, i1, wy = axis_weights(H, h, factor)
-    j0, j1, wx = axis_weights(W, w, factor)
+    return blend(v, ok, axis_weights(H, h, factor), axis_weights(W, w, factor))
+
+
+def blend(v: np.ndarray, ok: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
+    """The NaN-aware bilinear blend of cell values ``v [..., h, w]`` with the per-axis weights
+    ``rows = (i0, i1, wy)`` and ``cols = (j0, j1, wx)`` (:func:`axis_weights`, indices into ``v``):
+    one arithmetic for whole maps (:func:`resample`) and windows (``engine.resample_window``)."""
+    (i0, i1, wy), (j0, j1, wx) = rows, cols
     okf = np.asarray(ok, bool)
-    num = np.zeros(v.shape[:-2] + (H, W), np.float32)
+    num = np.zeros(v.shape[:-2] + (len(i0), len(j0)), np.float32)
     den = np.zeros_like(num)
-    bad = np.zeros((H, W), bool)
+    bad = np.zeros((len(i0), len(j0)), bool)
     for ii, wyy in ((i0, 1.0 - wy), (i1, wy)):
         for jj, wxx in ((j0, 1.0 - wx), (j1, wx)):
             wt = (wyy[:, None] * wxx[None, :]).astype(np.float32)
