@@ -435,13 +435,6 @@ def test_presence_only_from_a_store_draws_background_over_its_computed_pixels(bu
     assert np.isfinite(res.bands[0].figures["auc"].value) and np.isfinite(res.bands[0].figures["boyce"].value)
 
 
-def test_benchmark_smoke():
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_assess.py"), "--smoke"], capture_output=True,
-                       text=True, timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "map: 500 observations x 6 bands" in p.stdout and "ratio" in p.stdout
-
-
 def test_cli_on_a_map_from_a_real_psm_map_run(built_store, tmp_path):
     """The COG of the real map run: sites at its pixel centres get its pixel values; a GeoParquet table
     and the HTML report are written."""

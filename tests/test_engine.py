@@ -15,7 +15,7 @@ from psm_mapping import StoreError, engine as E
 from psm_mapping.embed import MetadataOptions
 from psm_mapping.model.factory import tiny_clap_config
 from psm_mapping.run import MapConfig, map_region
-from psm_mapping.store import DONE, EmbeddingStore
+from psm_mapping.store import DONE
 
 from geo_fixtures import texture, utm_scene
 
@@ -183,21 +183,6 @@ def test_query_command_streams_the_map_and_equals_query_store(built, session, tm
     np.testing.assert_allclose(got[:2], want.similarity[0], rtol=0, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got[2:], want.uncertainty, rtol=0, atol=0, equal_nan=True)
     assert run.pixels == int(np.isfinite(want.similarity[0][0]).sum()) and desc[0]
-
-
-def test_bench_query_store_smoke():
-    """The benchmark runs (its --smoke size): a store through the store API, the query pass and
-    `psm-map query` as a subprocess, with numbers."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_query_store.py"), "--smoke"],
-                       capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert res["pixels"] == 64 * 64 and res["read_mean_s"] > 0 and res["query_pass_s"] > 0 and res["cli_rss_mb"] > 0
 
 
 def test_checkpoint_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):

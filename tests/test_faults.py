@@ -149,7 +149,10 @@ def test_dying_server_fails_loudly_and_the_rerun_completes(inp, clean, tmp_path,
     finally:
         srv.stop()
     assert rc == 2 and err[-1].startswith("psm-map: error:") and "tile server" in err[-1], err[-5:]
-    assert "stopped answering" in err[-1] and "3 s" in err[-1], err[-1]
+    # a server that refuses at once may fail every tile before the 3 s window is over: then the
+    # "most of the region failed" line ends the run (no map, finished pixels kept) instead
+    assert ("stopped answering" in err[-1] and "3 s" in err[-1]) or \
+        ("could not be read from xyz:127.0.0.1" in err[-1] and "finished pixels are kept" in err[-1]), err[-1]
     assert sum(line.startswith("psm-map: error:") for line in err) == 1
     assert not any("Traceback" in line for line in err) and not out.exists()
     (store_url,) = (tmp_path / "psm-store").glob("*.zarr")
