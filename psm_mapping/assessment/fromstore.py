@@ -22,23 +22,12 @@ __all__ = ["is_store", "score_from_store", "store_background"]
 
 def is_store(path) -> str | None:
     """"points" (a point store), "store" (a map's embedding store) or None."""
-    from ..places.store import is_point_store
+    from ..places.store import POINT_FORMAT, store_format
 
-    p = Path(path)
-    if is_point_store(p):
+    fmt = store_format(path)
+    if fmt == POINT_FORMAT:
         return "points"
-    for name in ("zarr.json", ".zattrs"):
-        f = p / name
-        if f.is_file():
-            import json
-
-            try:
-                d = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return None
-            fmt = d.get("attributes", d).get("format", "")
-            return "store" if str(fmt).startswith("psm-mapping-store") else None
-    return None
+    return "store" if fmt and fmt.startswith("psm-mapping-store") else None
 
 
 def store_background(url: str, n: int, seed) -> tuple[np.ndarray, np.ndarray]:

@@ -59,19 +59,25 @@ def coords_sha256(lonlat: np.ndarray) -> str:
     return hashlib.sha256(a.tobytes()).hexdigest()
 
 
-def is_point_store(url: str | os.PathLike) -> bool:
-    """Whether ``url`` is a point store (a cheap look at its attributes)."""
+def store_format(url: str | os.PathLike) -> str | None:
+    """The ``format`` attribute of a local Zarr group (a cheap look at its metadata file), None
+    when there is none or it cannot be read."""
     p = Path(url)
     for name in ("zarr.json", ".zattrs"):
         f = p / name
         if f.is_file():
             try:
                 d = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return False
-            attrs = d.get("attributes", d)
-            return attrs.get("format") == POINT_FORMAT
-    return False
+                fmt = d.get("attributes", d).get("format")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return fmt if isinstance(fmt, str) else None
+    return None
+
+
+def is_point_store(url: str | os.PathLike) -> bool:
+    """Whether ``url`` is a point store (a cheap look at its attributes)."""
+    return store_format(url) == POINT_FORMAT
 
 
 class PointStore:
