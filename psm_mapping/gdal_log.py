@@ -10,16 +10,23 @@ sees everything. GDAL's own default handler (messages signalled outside a raster
 writes to ``CPL_LOG`` instead of stderr. libtiff prints some write errors straight to stderr,
 past GDAL: the COG writer therefore builds its file in memory and writes it with Python
 (:func:`psm_mapping.outputs.cog.write_cog_file`).
+
+zarr writes its chunks from futures on its own event loop: when one write fails (a full disk),
+the store's error arrives as one line, and the sibling futures that failed the same way are
+dropped unread, which makes ``asyncio`` log "Future exception was never retrieved" with a
+traceback at ERROR. Those records go the same way (DEBUG under ``psm_mapping.gdal``).
 """
 from __future__ import annotations
 
 import logging
 import os
 
-__all__ = ["GDAL_LOGGERS", "route_gdal_messages"]
+__all__ = ["ECHO_LOGGERS", "GDAL_LOGGERS", "route_gdal_messages"]
 
 #: loggers the GDAL bindings write GDAL's messages to
 GDAL_LOGGERS = ("rasterio", "pyogrio", "fiona")
+#: other libraries' loggers that repeat an error the command already reports as one line
+ECHO_LOGGERS = ("asyncio",)
 log = logging.getLogger("psm_mapping.gdal")
 
 
@@ -36,7 +43,7 @@ class _ToProjectLog(logging.Handler):
 
 def route_gdal_messages() -> None:
     """Send GDAL's messages to :data:`log` at DEBUG (idempotent; call once at program start)."""
-    for name in GDAL_LOGGERS:
+    for name in GDAL_LOGGERS + ECHO_LOGGERS:
         lg = logging.getLogger(name)
         if not any(isinstance(h, _ToProjectLog) for h in lg.handlers):
             lg.addHandler(_ToProjectLog())
