@@ -678,3 +678,47 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
         Path(keep).mkdir(parents=True, exist_ok=True)
         for f in (shot, month_shot):
             shutil.copy(f, Path(keep) / f.name)
+
+
+def test_page_starts_at_the_stored_setting_and_keeps_the_view_in_its_address(built, browser, tmp_path):
+    """A store fused at month 5, 14:00: the sliders start there (answered from the stored means, no
+    "approximate" note); a link with ?text= shows that query's map at its zoom; the page writes its
+    view into its address; month=0 / hour=-1 in a link are "any" (a re-fused, approximate view)."""
+    import shutil
+
+    import zarr
+
+    from selenium.webdriver.common.by import By
+
+    store = tmp_path / built["store"].name
+    shutil.copytree(built["store"], store)
+    g = zarr.open_group(str(store), mode="r+")
+    md = dict(g.attrs["metadata_options"])
+    assert md["month"] is None and md["hour"] is None  # the fixture's run: any month and hour
+    md.update(month=5, hour=14)
+    g.attrs["metadata_options"] = md
+    s = Server([str(store), *built["serve_args"][1:]], tmp_path)
+    try:
+        d = browser
+        d.get(s.url + "/?text=birds&zoom_level=3")
+        assert _wait_state(d, ("tiles-loaded", "error")) == "tiles-loaded", d.find_element(By.ID, "status").text
+        tiles = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
+        assert "text=birds" in tiles and "month=5" in tiles and "hour=14" in tiles and "zoom_level=3" in tiles
+        assert d.find_element(By.ID, "text").get_attribute("value") == "birds"
+        assert d.find_element(By.ID, "month-out").text == "5 (stored)"
+        assert d.find_element(By.ID, "hour-out").text == "14:00 (stored)"
+        assert not d.find_element(By.ID, "approximate").is_displayed()
+        assert d.find_element(By.CSS_SELECTOR, "#zoom-buttons button.active").text == "z3"
+        address = d.execute_script("return location.search")
+        assert "text=birds" in address and "month=5" in address and "zoom_level=3" in address
+        d.get(s.url + "/?text=birds&month=0&hour=-1")
+        assert _wait_state(d, ("tiles-loaded", "error")) == "tiles-loaded", d.find_element(By.ID, "status").text
+        tiles = d.find_element(By.TAG_NAME, "body").get_attribute("data-tiles")
+        assert "month=" not in tiles and "hour=" not in tiles  # the API's "any"
+        assert d.find_element(By.ID, "month-out").text == "any"
+        assert d.find_element(By.ID, "approximate").is_displayed()
+        assert "month=0" in d.execute_script("return location.search")
+        errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        assert s.stop() == 0, s.log.read_text()[-2000:]

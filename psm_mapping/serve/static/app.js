@@ -155,6 +155,7 @@
     qx.href = withToken(base + "api/qgis-connection.xml?" + queryParams(true).toString());
     qx.classList.remove("disabled");
     updateLegend();
+    writeAddress();
   }
 
   function updateLegend() {
@@ -195,9 +196,51 @@
     box.children[0].classList.add("active");
   }
 
+  // the month/hour the store's means were fused with: the sliders start there (answered from the
+  // stored means, exact at every zoom); "any" is the model's unknown month/hour, a re-fused view
+  function storedSetting() {
+    const sm = (info && info.stored_metadata) || {};
+    return { month: sm.month || 0, hour: (sm.hour === null || sm.hour === undefined) ? -1 : sm.hour };
+  }
+
   function showMetadata() {
-    $("month-out").textContent = state.month > 0 ? String(state.month) : "any";
-    $("hour-out").textContent = state.hour >= 0 ? state.hour + ":00" : "any";
+    const st = storedSetting(), tag = " (stored)";
+    $("month-out").textContent = (state.month > 0 ? String(state.month) : "any") + (state.month === st.month ? tag : "");
+    $("hour-out").textContent = (state.hour >= 0 ? state.hour + ":00" : "any") + (state.hour === st.hour ? tag : "");
+  }
+
+  // the view lives in the page's address (?text=&month=&hour=&zoom_level=&band=), so a link or a
+  // reload shows the same map; the token stays in it
+  function readAddress() {
+    const a = new URLSearchParams(location.search), num = (k, lo, hi) => {
+      if (!a.has(k) || a.get(k) === "") return null;
+      const v = Number(a.get(k));
+      return Number.isInteger(v) && v >= lo && v <= hi ? v : null;
+    };
+    const month = num("month", 0, 12), hour = num("hour", -1, 23);
+    if (month !== null) state.month = month;
+    if (hour !== null) state.hour = hour;
+    const zl = a.get("zoom_level");
+    if (zl !== null && info.levels.map(String).includes(zl)) state.zoom_level = info.levels.find((l) => String(l) === zl);
+    const band = a.get("band");
+    if (band && Array.from($("band").options).some((o) => o.value === band)) state.band = band;
+    state.text = (a.get("text") || "").trim();
+  }
+
+  function writeAddress() {
+    const p = queryParams(true);
+    if (token) p.set("token", token);
+    if (!state.text) p.delete("text");
+    if (state.month === 0) p.set("month", "0");  // "any", unlike no month (the stored one)
+    if (state.hour < 0) p.set("hour", "-1");
+    history.replaceState(null, "", location.pathname + "?" + p.toString());
+  }
+
+  function showState() {
+    $("text").value = state.text;
+    $("month").value = state.month; $("hour").value = state.hour; showMetadata();
+    $("band").value = state.band;
+    for (const b of $("zoom-buttons").children) b.classList.toggle("active", b.dataset.level === String(state.zoom_level));
   }
 
   function wireControls() {
@@ -290,7 +333,10 @@
       map.addLayer({ id: "footprint", type: "line", source: "footprint",
                      paint: { "line-color": "#d62728", "line-width": 2 } });
       window.psm.map = map;
-      map.once("idle", () => { document.body.dataset.state = "ready"; });
+      map.once("idle", () => {
+        document.body.dataset.state = "ready";
+        if (state.text) runQuery(true);  // a link with ?text= shows its map
+      });
     });
     map.on("click", async (e) => {
       if (!hasQuery()) return;
@@ -326,7 +372,10 @@
     $("untrained").hidden = !info.untrained;
     $("metadata-group").hidden = !info.metadata_adjustable;
     buildZoomButtons();
-    showMetadata();
+    const st = storedSetting();
+    state.month = st.month; state.hour = st.hour;
+    readAddress();
+    showState();
     wireControls();
     initMap();
   }
