@@ -252,7 +252,7 @@ def cmd_query(argv: list[str]) -> int:
 def _profile(a: argparse.Namespace, kw: dict) -> int:
     """``psm-map query STORE --point LON,LAT``: one place's month x hour profile (CSV + heatmap)."""
     from ..config import MapConfig
-    from ..cube import profile_from_store
+    from ..place_profile import profile_from_store
 
     kw.setdefault("out", "psm-profile.csv")
     cfg = MapConfig(**kw, format="cog")

@@ -29,7 +29,7 @@ def heatmap_path(out: str | os.PathLike) -> Path:
 
 
 def profile_csv(profile) -> str:
-    """The CSV text of a :class:`~psm_mapping.cube.PointProfile`."""
+    """The CSV text of a :class:`~psm_mapping.place_profile.PointProfile`."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
