@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -178,32 +178,54 @@ def tile_cube(store: EmbeddingStore, qmat: QueryMatrix, refusions: Sequence[Refu
     return sim, unc
 
 
-def _fill(store, queries, model, metadata, axes, put, progress) -> dict[str, float]:
-    """Compute the cube tile by tile and hand each to ``put(window, sim, unc)``; empty tiles (no
-    DONE pixel) are skipped (their cells stay NaN)."""
+#: ``runner(tiles)`` yields ``(window, similarity [Q, S, Z, h, w], uncertainty [S, Z, h, w])`` for
+#: each of ``tiles``, in any order: :func:`local_runner` here, or
+#: :func:`psm_mapping.distributed.cube_runner` on dask workers
+TileRunner = Callable[[Sequence[Window]], Iterable[tuple[Window, np.ndarray, np.ndarray]]]
+
+
+def local_runner(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
+                 axes: TimeAxes) -> TileRunner:
+    """Tiles computed in this process, one after another (:func:`tile_cube`)."""
+    qmat = query_matrix(list(queries), store.spec.probabilistic)
+    refusions = setting_refusions(store, model, metadata, axes)
+
+    def run(tiles):
+        for w in tiles:
+            yield (w, *tile_cube(store, qmat, refusions, w))
+    return run
+
+
+def _fill(store, queries, model, metadata, axes, put, progress, runner: TileRunner | None) -> dict[str, float]:
+    """Compute the cube tile by tile (``runner``, default :func:`local_runner`) and hand each to
+    ``put(window, sim, unc)``; empty tiles (no DONE pixel) are skipped (their cells stay NaN)."""
     import time
 
     check_cube_model(model.config, metadata, axes)
     t0 = time.perf_counter()
     spec = store.spec
-    qmat = query_matrix(list(queries), spec.probabilistic)
-    refusions = setting_refusions(store, model, metadata, axes)
     done = (store.status() == DONE).any(0)
-    tiles = [w for w in cube_tiles(store, chunk_tile(axes, spec.height, spec.width))]
-    for k, w in enumerate(tiles):
-        if done[w.slices].any():
-            put(w, *tile_cube(store, qmat, refusions, w))
+    tiles = cube_tiles(store, chunk_tile(axes, spec.height, spec.width))
+    todo = [w for w in tiles if done[w.slices].any()]
+    n = len(tiles) - len(todo)
+    if progress is not None and n:
+        progress(n, len(tiles))
+    for w, sim, unc in (runner or local_runner(store, queries, model, metadata, axes))(todo):
+        put(w, sim, unc)
+        n += 1
         if progress is not None:
-            progress(k + 1, len(tiles))
+            progress(n, len(tiles))
     return {"cube_total": time.perf_counter() - t0}
 
 
 def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
-               axes: TimeAxes, progress: Callable[[int, int], None] | None = None) -> QueryCube:
+               axes: TimeAxes, progress: Callable[[int, int], None] | None = None,
+               runner: TileRunner | None = None) -> QueryCube:
     """The month x hour cube of ``queries`` over ``store``, in memory (NumPy): a thin view over the
     engine, computed tile by tile (:func:`tile_cube`); dense and scale-true stores alike.
     ``metadata`` gives the sources and ``fuse`` (its month/hour: the fixed values of absent axes).
-    ``progress(done, total)`` after each tile. :func:`stream_cube` for cubes past memory."""
+    ``progress(done, total)`` after each tile; ``runner``: where tiles are computed (default here).
+    :func:`stream_cube` for cubes past memory."""
     spec = store.spec
     S, Z, H, W = len(axes), len(spec.zoom_levels), spec.height, spec.width
     sims = [np.full((S, Z, H, W), np.nan, np.float32) for _ in queries]
@@ -214,13 +236,13 @@ def cube_store(store: EmbeddingStore, queries: Sequence[Query], model, metadata:
             sims[q][(..., *w.slices)] = sim[q]
         unc[(..., *w.slices)] = u
 
-    secs = _fill(store, queries, model, metadata, axes, put, progress)
+    secs = _fill(store, queries, model, metadata, axes, put, progress, runner)
     return QueryCube(axes, tuple(spec.zoom_levels), list(queries), sims, unc, metadata, secs)
 
 
 def stream_cube(store: EmbeddingStore, queries: Sequence[Query], model, metadata: MetadataOptions,
                 axes: TimeAxes, scratch: str | os.PathLike,
-                progress: Callable[[int, int], None] | None = None) -> QueryCube:
+                progress: Callable[[int, int], None] | None = None, runner: TileRunner | None = None) -> QueryCube:
     """:func:`cube_store` computed tile by tile into the Zarr ``scratch`` (chunks = the cube's
     tiles, each written once, whole), returned as lazy dask arrays read from it: memory holds one
     tile, whatever the cube's size. The caller removes ``scratch`` after writing the outputs."""
@@ -240,7 +262,7 @@ def stream_cube(store: EmbeddingStore, queries: Sequence[Query], model, metadata
             arrs[q][(slice(None), slice(None), *w.slices)] = sim[q]
         arrs[-1][(slice(None), slice(None), *w.slices)] = u
 
-    secs = _fill(store, queries, model, metadata, axes, put, progress)
+    secs = _fill(store, queries, model, metadata, axes, put, progress, runner)
     lazy = [da.from_zarr(str(scratch), component=n) for n in names]
     return QueryCube(axes, tuple(spec.zoom_levels), list(queries), lazy[:-1], lazy[-1], metadata, secs)
 
@@ -277,16 +299,6 @@ def _bar(store: EmbeddingStore, axes: TimeAxes, cfg):
     return bar, (lambda done, total: bar.update(done - bar.n))
 
 
-def cube_maps(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg) -> QueryCube:
-    """:func:`cube_store` (in memory) for a run's config, with a progress bar over the tiles."""
-    axes = TimeAxes.from_config(cfg)
-    bar, progress = _bar(store, axes, cfg)
-    try:
-        return cube_store(store, queries, model, metadata, axes, progress=progress)
-    finally:
-        bar.close()
-
-
 def write_cube(cube: QueryCube, grid_or_store, tags: dict, region, cfg) -> dict:
     """The cube's outputs for a run's config (format, layout, previews, overwrite, score)."""
     from .outputs.cube import build_cube_result, write_cube_outputs
@@ -305,10 +317,11 @@ def scratch_path(out) -> "os.PathLike":
 
 
 def answer_cube(store: EmbeddingStore, queries, model, metadata: MetadataOptions, cfg, grid_or_store,
-                tags: dict, region=None) -> tuple[dict, QueryCube, float]:
+                tags: dict, region=None, runner: TileRunner | None = None) -> tuple[dict, QueryCube, float]:
     """Compute and write the cube of a run's config: in memory up to :func:`eager_limit` bytes,
     else streamed tile by tile through a scratch Zarr beside ``cfg.out`` (removed afterwards) into
-    the lazy writers. Returns (outputs, the cube, the clock when the cube was computed)."""
+    the lazy writers; tiles computed by ``runner`` (default: here). Returns (outputs, the cube, the
+    clock when the cube was computed)."""
     import shutil
     import time
 
@@ -320,8 +333,8 @@ def answer_cube(store: EmbeddingStore, queries, model, metadata: MetadataOptions
     bar, progress = _bar(store, axes, cfg)
     try:
         try:
-            cube = (stream_cube(store, queries, model, metadata, axes, scratch, progress) if stream
-                    else cube_store(store, queries, model, metadata, axes, progress))
+            cube = (stream_cube(store, queries, model, metadata, axes, scratch, progress, runner) if stream
+                    else cube_store(store, queries, model, metadata, axes, progress, runner))
         finally:
             bar.close()
         t = time.perf_counter()

@@ -343,6 +343,59 @@ def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: n
     return QueryMaps(tuple(spec.zoom_levels), list(queries), [arr[q] for q in range(Q)], arr[Q])
 
 
+# --------------------------------------------------------------------------- cubes
+def _cube_tile(url: str, storage_options: dict, job: BlockJob, metadata: dict, axes, qmat, tile):
+    """Runs on a worker: one cube tile (:func:`psm_mapping.cube.tile_cube`), the fusion re-run per
+    setting with the worker's model."""
+    import torch
+
+    from .cube import setting_refusions, tile_cube
+    from .engine import QueryMatrix
+
+    store = _CACHE.store(url, storage_options)
+    model, _ = _CACHE.model(job)
+    qm, qvs = qmat
+    q = QueryMatrix(torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs))
+    sim, unc = tile_cube(store, q, setting_refusions(store, model, MetadataOptions(**metadata), axes), tile)
+    return tile, sim, unc
+
+
+def cube_runner(client, store: EmbeddingStore, queries: Sequence[Query], job: BlockJob, metadata: MetadataOptions,
+                axes, storage_options: dict | None = None, retries: int = 3, in_flight: int | None = None):
+    """A :data:`psm_mapping.cube.TileRunner` on ``client``'s workers: each tile a task (the worker
+    loads ``job``'s checkpoint once), at most ``in_flight`` tiles out at a time (default two per
+    worker thread), results handed back as they finish: the client holds a few tiles, whatever the
+    cube's size, and writes them (into memory or the scratch Zarr) as :func:`answer_cube` does."""
+    import itertools
+
+    from distributed import as_completed
+
+    from .engine import query_matrix
+
+    qm = query_matrix(list(queries), store.spec.probabilistic)
+    qmat = (qm.mean.numpy().astype(np.float32),
+            None if qm.var_sum is None else qm.var_sum.numpy().astype(np.float64))
+    md, url, so = metadata.as_dict(), store.url, dict(storage_options or {})
+
+    def run(tiles):
+        it = iter(tiles)
+        limit = in_flight or 2 * max(1, sum(int(w.get("nthreads", 1)) for w in
+                                            client.scheduler_info(n_workers=-1)["workers"].values()))
+
+        def submit(w):
+            return client.submit(_cube_tile, url, so, job, md, axes, qmat, w, pure=False, retries=retries)
+
+        running = as_completed([submit(w) for w in itertools.islice(it, limit)])
+        for fut in running:
+            w, sim, unc = fut.result()
+            fut.release()
+            nxt = next(it, None)
+            if nxt is not None:
+                running.add(submit(nxt))
+            yield w, sim, unc
+    return run
+
+
 # --------------------------------------------------------------------------- the driver
 def map_region_distributed(cfg, workers: int | None = None, scheduler: str | None = None, client=None,
                            log_fn: Callable[[str], Any] = print, *, retries: int = 3,
@@ -380,11 +433,13 @@ def map_region_distributed(cfg, workers: int | None = None, scheduler: str | Non
         tags = dict(prep.tags)
         if fault_pixels:
             tags["imagery_faults"] = fault_message(fault_pixels)
-        if cfg.is_cube:  # a month x hour cube: fusion re-runs from the filled store, here
-            from .cube import cube_maps, write_cube
+        if cfg.is_cube:  # a month x hour cube: fusion re-runs from the filled store, on the workers
+            from .cube import TimeAxes, answer_cube
 
-            outputs = write_cube(cube_maps(store, prep.queries, prep.model, prep.md, prep.cfg), grid, tags,
-                                 prep.region, prep.cfg)
+            runner = cube_runner(cl, store, prep.queries, job, prep.md, TimeAxes.from_config(prep.cfg),
+                                 storage_options=cfg.store_options, retries=retries)
+            outputs, _, _ = answer_cube(store, prep.queries, prep.model, prep.md, prep.cfg, grid, tags,
+                                        prep.region, runner=runner)
         else:
             maps = query_store_dask(store, prep.queries, mask=grid.mask, metadata=prep.md, job=job,
                                     storage_options=cfg.store_options, model=prep.model)

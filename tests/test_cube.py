@@ -356,11 +356,16 @@ console.log('ok');
     assert out.stdout.strip() == "ok"
 
 
-def test_dask_driver_cube(inp, built, cube_zarr, tmp_path):
-    """The dask driver fills the store on the cluster and makes the same cube (here the store is
-    complete: nothing is embedded)."""
+@pytest.mark.parametrize("streamed", [False, True])
+def test_dask_driver_cube(inp, built, cube_zarr, tmp_path, monkeypatch, streamed):
+    """The dask driver fills the store on the cluster and makes the same cube on the workers, one
+    task per tile (here the store is complete: nothing is embedded), in memory or streamed through
+    the scratch Zarr (removed afterwards)."""
     import xarray as xr
-    from distributed import Client
+    from distributed import Client, get_task_stream
+
+    if streamed:
+        monkeypatch.setenv("PSM_CUBE_EAGER_BYTES", "1")
 
     from psm_mapping.distributed import map_region_distributed
 
@@ -369,8 +374,12 @@ def test_dask_driver_cube(inp, built, cube_zarr, tmp_path):
                     zoom_levels=(1,), stride=40.0, device="cpu", out=str(tmp_path / "d.zarr"), format="zarr",
                     store=str(built.parent), progress=False, previews=False, months="3,5", hours="7,14")
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        run = map_region_distributed(cfg, client=client, log_fn=lambda *a: None)
+        with get_task_stream(client) as ts:
+            run = map_region_distributed(cfg, client=client, log_fn=lambda *a: None)
     assert run.blocks_computed == 0 and run.chips == 0
+    tiles = [t for t in ts.data if str(t["key"]).startswith("_cube_tile")]
+    assert len(tiles) >= 1  # the tiles ran as the workers' tasks
+    assert not [p.name for p in tmp_path.iterdir() if "scratch" in p.name]  # no scratch left
     a, b = xr.open_zarr(tmp_path / "d.zarr"), xr.open_zarr(cube_zarr)
     np.testing.assert_allclose(a["similarity_birds"].values, b["similarity_birds"].values, rtol=0, atol=1e-5)
 
