@@ -167,9 +167,12 @@ def test_worker_killed_mid_run(inputs, reference, client, tmp_path):
     assert run.blocks_retried >= 1
     assert run.blocks_computed + sum(s.skipped for s in seen) == reference["run"].blocks_total
     by_block = {s.index: s for s in seen}
-    for b in killed["blocks"]:  # the killed worker's blocks ran again elsewhere
-        assert by_block[b].pid != killed["pid"]
-        assert by_block[b].attempts >= 2
+    # the killed worker's blocks ran again elsewhere (one that finished between the look at the
+    # scheduler and the kill kept its first result)
+    rerun = [b for b in killed["blocks"] if by_block[b].pid != killed["pid"]]
+    assert rerun, (killed, [by_block[b] for b in killed["blocks"]])
+    assert all(by_block[b].attempts >= 2 for b in rerun), [by_block[b] for b in rerun]
+    assert all(by_block[b].attempts == 1 for b in set(killed["blocks"]) - set(rerun))
     _assert_same_map(tmp_path / "map.tif", reference["map"])
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
 
