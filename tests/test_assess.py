@@ -322,6 +322,28 @@ def test_cli_writes_json_table_and_html_report(cog, tmp_path):
     assert p.returncode == 2 and "exists" in p.stderr and outs[0].read_bytes() == before
 
 
+def test_a_failing_table_leaves_no_report(cog, tmp_path, monkeypatch, capsys):
+    """The JSON, the HTML report and the per-site table are committed together: a table that
+    cannot be written (here a full disk under the Parquet writer) leaves none of them."""
+    import errno
+
+    from psm_mapping.places import tables
+
+    def full(gdf, path, blob):  # as a writer does on a full disk: begun, then refused
+        Path(path).write_bytes(b"PAR1")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(tables, "_write_parquet", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    outs = [out / "r.json", out / "r.html", out / "sites.parquet"]
+    assert main(["assess", str(cog["map"]), str(cog["obs"]), "--bootstrap", "20", "--quiet",
+                 *[a for o in outs for a in ("--out", str(o))]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "sites.parquet" in err[0], err
+    assert list(out.iterdir()) == []  # no report, no JSON, no staged file
+
+
 @pytest.mark.parametrize("case", ["no_coords", "unknown_column", "no_absence", "few_sites", "all_outside"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(cog, tmp_path, case):
     f = cog["frame"].copy()

@@ -177,7 +177,7 @@ def _figure_names(kind: str) -> tuple[str, ...]:
 def write_outputs(res, outs, overwrite: bool, values) -> dict:
     """Write each path of ``outs`` by suffix; returns ``{path: kind}``."""
     from ..outputs.staging import Stage, staged_all
-    from ..places.tables import write_table
+    from ..places.tables import table_paths, table_stages
     from . import REPORT_SUFFIXES
 
     doc = result_dict(res)
@@ -195,14 +195,19 @@ def write_outputs(res, outs, overwrite: bool, values) -> dict:
             continue
         stages.append(Stage(Path(o).expanduser().absolute(), overwrite))
 
+    prov = {**res.provenance, "kind": res.kind, "summary": res.lines()}
+    table_parts = [table_stages(res.table, t, prov, overwrite) for t in tables]
+
     def write():
         for st, text in zip(stages, texts):
             st.tmp.write_text(text, encoding="utf-8")
+        for _, write_one in table_parts:
+            write_one()
 
-    staged_all(stages, write, where=", ".join(str(s.dst) for s in stages) or None)
+    # the report, its JSON and the per-site tables are committed together: a failing one leaves none
+    every = stages + [s for parts, _ in table_parts for s in parts]
+    staged_all(every, write, where=", ".join(str(s.dst) for s in every) or None)
     written = {str(s.dst): Path(str(s.dst)).suffix.lstrip(".") for s in stages}
-    prov = {**res.provenance, "kind": res.kind, "summary": res.lines()}
-    for t in tables:
-        for k, v in write_table(res.table, t, prov, overwrite).items():
-            written[str(v)] = k
+    for parts, _ in table_parts:
+        written.update({str(v): k for k, v in table_paths(parts).items()})
     return written

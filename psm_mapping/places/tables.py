@@ -73,6 +73,20 @@ def _csv_frame(frame):
 
 def write_table(frame, out: str | os.PathLike, provenance: dict, overwrite: bool = False) -> dict[str, Path]:
     """Write ``frame`` by ``out``'s suffix; returns ``{"table": path, "provenance": sidecar?}``."""
+    stages, write = table_stages(frame, out, provenance, overwrite)
+    staged_all(stages, write, where=f"table {stages[0].dst}")
+    return table_paths(stages)
+
+
+def table_paths(stages) -> dict[str, Path]:
+    """``{"table": path, "provenance": sidecar?}`` of :func:`table_stages`' stages."""
+    return {"table": stages[0].dst, **({"provenance": stages[1].dst} if len(stages) > 1 else {})}
+
+
+def table_stages(frame, out: str | os.PathLike, provenance: dict, overwrite: bool = False):
+    """The staged files of a table (the table, and a provenance sidecar for CSV/GeoJSON) and the
+    function that writes them: for a caller that commits the table with other files at once
+    (:func:`psm_mapping.outputs.staging.staged_all`)."""
     fmt = table_format(out)
     dst = Path(out).expanduser().absolute()
     blob = json.dumps(provenance, default=str, sort_keys=True)
@@ -96,11 +110,7 @@ def write_table(frame, out: str | os.PathLike, provenance: dict, overwrite: bool
         if len(stages) > 1:
             stages[1].tmp.write_text(json.dumps(provenance, default=str, indent=1, sort_keys=True) + "\n")
 
-    staged_all(stages, write, where=f"table {dst}")
-    out_paths = {"table": stages[0].dst}
-    if len(stages) > 1:
-        out_paths["provenance"] = stages[1].dst
-    return out_paths
+    return stages, write
 
 
 def _write_parquet(gdf, path: Path, blob: str) -> None:
