@@ -455,6 +455,21 @@ def test_presence_only_from_a_store_draws_background_over_its_computed_pixels(bu
     assert (x >= t.c).all() and (x <= t.c + spec.width * t.a).all()
     assert (y <= t.f).all() and (y >= t.f + spec.height * t.e).all()
     assert np.isfinite(res.bands[0].figures["auc"].value) and np.isfinite(res.bands[0].figures["boyce"].value)
+    # each background point is fused at the month and hour of a presence (the presences' dates, not
+    # the store's one setting): its value is `psm-map points` at that place, month and hour
+    known = pd.read_csv(b["sites"])  # the presences' months and hours (0 / -1: not in their date)
+    pairs = set(zip(known["month"].fillna(0).astype(int), known["hour"].fillna(-1).astype(int)))
+    bg = res.background
+    assert set(zip(bg["month"].tolist(), bg["hour"].tolist())) <= pairs and len(set(bg["month"].tolist())) > 1
+    sites = pd.DataFrame({"lon": bg["lon"], "lat": bg["lat"], "month": pd.Series(bg["month"]).replace(0, None),
+                          "hour": pd.Series(bg["hour"]).replace(-1, None)})  # unknown: empty cells
+    sites.to_csv(b["dir"] / "bg.csv", index=False)
+    out = b["dir"] / "bg-points.csv"
+    assert main(["points", str(b["dir"] / "bg.csv"), "--imagery", str(b["scene"]), "--zoom-level", "1,3",
+                 *b["margs"], "--out", str(out), "--overwrite", "--query", STORE_Q,
+                 "--store", str(b["dir"] / "bg-ps")]) == 0
+    np.testing.assert_allclose(bg["values"][0], pd.read_csv(out)[f"similarity:{STORE_Q}:z1"].to_numpy(),
+                               rtol=0, atol=1e-6)
 
 
 def test_cli_on_a_map_from_a_real_psm_map_run(built_store, tmp_path):

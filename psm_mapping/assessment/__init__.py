@@ -205,31 +205,38 @@ def _site_values(cfg: AssessConfig, obs, log_fn):
             raise InputError("presence-only observations need background points over an area: assess a map or "
                              "a map's store, not a point store", option="kind")
         blon, blat = store_background(src, int(cfg.background), cfg.seed)
-        sites = _with_background(sites, blon, blat)
+        sites = _with_background(sites, blon, blat, cfg.seed)
     values, _run = score_from_store(src, sites, opts, log_fn)
     if not presence_only:
         return values, None
     bg_vals = np.stack([v[n:] for v in values.values])
     keep = np.isfinite(bg_vals).all(0)  # background chips without imagery are not drawn
     bg = {"lon": sites.lon[n:][keep], "lat": sites.lat[n:][keep], "values": bg_vals[:, keep]}
+    for k in ("month", "hour"):
+        if getattr(sites, k) is not None:
+            bg[k] = getattr(sites, k)[n:][keep]
     values.values = [v[:n] for v in values.values]
     values.reasons = [r[:n] for r in values.reasons]
     values.uncertainty = {z: u[:n] for z, u in values.uncertainty.items()}
     return values, bg
 
 
-def _with_background(sites, lon, lat):
-    """``sites`` followed by background points (no metadata of their own)."""
+def _with_background(sites, lon, lat, seed):
+    """``sites`` followed by background points. Each background point takes the metadata (month,
+    hour, sources) of a presence drawn at random (seeded): the background follows the presences'
+    distribution in time, so the figures measure where the sound is, not when it was recorded (a
+    background fused at one fixed month and hour would differ from presences by their dates alone)."""
     import pandas as pd
 
     from ..places.sites import Sites
 
     m = len(lon)
     frame = pd.DataFrame({"lon": np.concatenate([sites.lon, lon]), "lat": np.concatenate([sites.lat, lat])})
+    pick = np.random.default_rng([int(seed), 1]).integers(0, len(sites), m)
 
-    def ext(a, unknown):
-        return None if a is None else np.concatenate([a, np.full(m, unknown, np.int64)])
+    def ext(a):
+        return None if a is None else np.concatenate([a, np.asarray(a)[pick]])
 
     return Sites(frame=frame, lon=frame["lon"].to_numpy(), lat=frame["lat"].to_numpy(), name=sites.name,
-                 month=ext(sites.month, 0), hour=ext(sites.hour, -1), audio_source=ext(sites.audio_source, -1),
-                 caption_source=ext(sites.caption_source, -1))
+                 month=ext(sites.month), hour=ext(sites.hour), audio_source=ext(sites.audio_source),
+                 caption_source=ext(sites.caption_source))

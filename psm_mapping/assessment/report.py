@@ -21,7 +21,9 @@ __all__ = ["provenance", "site_table", "result_dict", "write_outputs", "render_h
 #: how the figures are computed (in the JSON and the HTML report)
 SETTINGS_TEXT = {
     "auc": "ROC AUC = Mann-Whitney U / (n_present x n_absent), ties counted half (as scikit-learn's roc_auc_score)",
-    "auc_presence_only": "presences vs background points drawn uniformly over the valid area (seeded)",
+    "auc_presence_only": "presences vs background points drawn uniformly over the valid area (seeded); from a "
+                         "store each background point is fused at the month and hour of a presence drawn at "
+                         "random (seeded), so presences and background share one distribution in time",
     "boyce": "continuous Boyce index (Hirzel et al. 2006) as ecospat.boyce defaults: fit = background values, "
              "moving window width = (max - min of fit) / 10, 101 window positions (res = 100), P/E rounded to "
              "10 digits, 0/0 windows dropped, successive duplicate P/E removed, Spearman rho of P/E vs window "
