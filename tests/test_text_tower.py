@@ -239,6 +239,7 @@ from psm_mapping.cli import main
 assert main(["query", {str(store)!r}, "--query", "rain on a roof", "--out", {str(tmp_path / 'q.tif')!r},
              "--quiet", "--no-previews"]) == 0
 bad = sorted({{k.split(".")[0] for k in sys.modules}} & {{"transformers", "dask", "distributed", "matplotlib"}})
+bad += [k for k in ("psm_mapping.places", "pyogrio", "geopandas") if k in sys.modules]  # a map store needs no point code
 assert not bad, bad
 print("ok")
 """
@@ -336,3 +337,33 @@ def test_cache_keys_and_read_only_stores(tmp_path, tiny_ckpt, tokenizer_dir):
             assert not (ro / "text_cache").exists()
         finally:
             ro.chmod(0o755)
+
+
+def test_the_program_collects_no_garbage_during_start_up_then_as_usual():
+    """`psm-map` (main() without arguments) turns the collector off for its start-up, then freezes
+    what start-up made and collects again; main() called with arguments (a notebook, the tests)
+    leaves the collector alone."""
+    code = """
+import gc, sys, time
+from psm_mapping import cli
+sys.argv = ["psm-map", "levels", "--help"]
+try:
+    cli.main()
+except SystemExit:
+    pass
+assert not gc.isenabled(), "collector on during start-up"
+time.sleep(cli.STARTUP_SECONDS + 1.0)
+assert gc.isenabled() and gc.get_freeze_count() > 10000, gc.get_freeze_count()
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={**_env(), "PYTHONPATH": str(REPO)}, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+    import gc
+
+    from psm_mapping.cli import main
+
+    assert gc.isenabled()
+    with pytest.raises(SystemExit):
+        main(["levels", "--help"])
+    assert gc.isenabled()  # with arguments: untouched

@@ -22,7 +22,7 @@ __all__ = ["is_store", "score_from_store", "store_background"]
 
 def is_store(path) -> str | None:
     """"points" (a point store), "store" (a map's embedding store) or None."""
-    from ..places.store import POINT_FORMAT, store_format
+    from ..storeformat import POINT_FORMAT, store_format
 
     fmt = store_format(path)
     if fmt == POINT_FORMAT:

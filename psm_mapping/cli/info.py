@@ -17,7 +17,7 @@ def cmd_info(argv: list[str]) -> int:
         for k, v in verify(path).items():
             print(f"{k}: {v}")
         return 0
-    from ..places.store import is_point_store
+    from ..storeformat import is_point_store
 
     if is_point_store(path):
         from ..places import PointStore

@@ -221,7 +221,7 @@ def cmd_query(argv: list[str]) -> int:
                                                       "a heatmap <out>.heatmap.png (every month and hour unless "
                                                       "--months/--hours say)")
     add_query_args(p)
-    from ..places.store import is_point_store
+    from ..storeformat import is_point_store
 
     if any(is_point_store(x) for x in argv if not x.startswith("-")):  # a table by --out suffix
         from .places import cmd_query_points

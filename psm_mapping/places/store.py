@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ import numpy as np
 
 from ..errors import StoreError
 from ..store import DONE, FAULT, PENDING, create_by_rename  # the map store's status codes
+from ..storeformat import POINT_FORMAT, is_point_store, store_format  # noqa: F401  (public here too)
 from ..storepath import spec_differences
 
-POINT_FORMAT = "psm-mapping-points/1"
 #: sites per Zarr chunk (the unit of resume)
 SITE_CHUNK = 128
 
@@ -57,27 +56,6 @@ def coords_sha256(lonlat: np.ndarray) -> str:
     """The SHA-256 of distinct site coordinates ``[U, 2]`` (sorted, rounded to 1e-9 degrees)."""
     a = np.ascontiguousarray(np.round(np.asarray(lonlat, np.float64), 9))
     return hashlib.sha256(a.tobytes()).hexdigest()
-
-
-def store_format(url: str | os.PathLike) -> str | None:
-    """The ``format`` attribute of a local Zarr group (a cheap look at its metadata file), None
-    when there is none or it cannot be read."""
-    p = Path(url)
-    for name in ("zarr.json", ".zattrs"):
-        f = p / name
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-                fmt = d.get("attributes", d).get("format")
-            except (OSError, ValueError, AttributeError):
-                return None
-            return fmt if isinstance(fmt, str) else None
-    return None
-
-
-def is_point_store(url: str | os.PathLike) -> bool:
-    """Whether ``url`` is a point store (a cheap look at its attributes)."""
-    return store_format(url) == POINT_FORMAT
 
 
 class PointStore:
