@@ -18,9 +18,8 @@ import numpy as np
 
 from . import __version__
 from .checks import (_check_overlap, _check_output, _check_store_root, _store_url,  # noqa: F401
-                     _warn_imagery_mismatch, default_store_dir)
-from .config import (MAX_ZOOM_LEVEL, MapConfig, check_hour, check_month, default_imagery,  # noqa: F401
-                     imagery_sat_type)
+                     _warn_imagery_mismatch)
+from .config import MapConfig, default_imagery  # noqa: F401  (public here too)
 from .embed import (ImageEmbedder, MetadataOptions, Timings, cut_batches, embed_windows, read_block,
                     resolve_device)
 from .pipeline import PipelineStats, default_readers, stream_units
@@ -29,14 +28,12 @@ from .grid import OutputGrid, make_grid
 from .tiling import ChipReader
 from .offline import set_offline
 from .model.checkpoint import file_sha256
-from .answer import answer_store, check_answer, map_from_store  # noqa: F401  (public here too)
+from .answer import answer_store, check_answer
 from .outcome import MapRun, fault_message  # noqa: F401  (public here too)
 from .query import build_queries
 from .store import FAULT, BlockLocks, CorruptChunkError, EmbeddingStore, StoreSpec, lock_key
-from .session import (compute_dtype, load_model, metadata_tags, record_text_setup,  # noqa: F401
-                      reuse_text_setup)
+from .session import load_model, metadata_tags, record_text_setup
 from .zoomgrid import zoom_factors, zoom_grid
-from .weights import resolve_checkpoint  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
 

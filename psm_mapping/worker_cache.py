@@ -62,7 +62,7 @@ class _ProcessCache:
         """(model, device) for ``job``'s checkpoint on this worker (a
         :class:`psm_mapping.distributed.BlockJob`), loaded once per process."""
         device = _worker_device(job.device)
-        from .run import compute_dtype
+        from .session import compute_dtype
 
         dtype = compute_dtype(job.dtype, device)
         key = (job.checkpoint_sha256, str(device), dtype)

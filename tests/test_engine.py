@@ -166,7 +166,7 @@ def test_query_command_streams_the_map_and_equals_query_store(built, session, tm
 
     from psm_mapping import query as M
     from psm_mapping.query import query_store
-    from psm_mapping.run import map_from_store
+    from psm_mapping.answer import map_from_store
 
     if streamed:  # as a map too large for memory: lazy windows into the dask writer
         monkeypatch.setattr(M, "EAGER_MAX_BYTES", 0)

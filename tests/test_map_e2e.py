@@ -309,7 +309,8 @@ def test_pipeline_presets_and_regions(monkeypatch, tmp_path):
     from psm_mapping.imagery.presets import PRESETS
     from psm_mapping.cli.map import load_preset
     from psm_mapping.region import load_region
-    from psm_mapping.run import MapConfig, resolve_checkpoint
+    from psm_mapping.run import MapConfig
+    from psm_mapping.weights import resolve_checkpoint
     from psm_mapping.weights import EXPERIMENTS
 
     repo = Path(__file__).resolve().parents[1]

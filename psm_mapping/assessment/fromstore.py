@@ -68,7 +68,7 @@ def _points_config(url: str, kind: str, sites, opts: dict):
                        offline=opts.get("offline", False), imagery=opts.get("imagery"))
     if kind == "points":
         return cfg
-    from ..run import reuse_text_setup
+    from ..session import reuse_text_setup
     from ..store import EmbeddingStore
 
     st = EmbeddingStore.open(url)

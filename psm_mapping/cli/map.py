@@ -241,7 +241,7 @@ def cmd_query(argv: list[str]) -> int:
         from ..offline import set_offline
 
         set_offline()
-    from ..run import map_from_store
+    from ..answer import map_from_store
 
     run = map_from_store(a.store, cfg)
     if not a.quiet:

@@ -1,5 +1,5 @@
 """Cloud-Optimised GeoTIFF writers, side by side (as odc-geo keeps them): the eager one (NumPy
-bands, rio-cogeo from an in-memory GeoTIFF) and the dask one (odc-geo's ``save_cog_with_dask``,
+bands, GDAL's COG driver from an in-memory GeoTIFF) and the dask one (odc-geo's ``save_cog_with_dask``,
 tiles compressed on the workers). Both write float32, NaN nodata, 512 px tiles, PREDICTOR=3,
 average overviews, band descriptions and tags, and the provenance as dataset tags."""
 from __future__ import annotations
@@ -41,17 +41,18 @@ def band_stats(arr: np.ndarray) -> dict[str, str]:
 # --------------------------------------------------------------------------- eager
 def write_cog_file(result: MapResult, arrays: list[np.ndarray], path: Path, compress: str = "deflate",
                    blocksize: int = 512) -> None:
-    """The eager writer: ``arrays`` (NumPy) to a COG at ``path`` (no staging)."""
+    """The eager writer: ``arrays`` (NumPy) to a COG at ``path`` (no staging), by GDAL's COG driver
+    from an in-memory GeoTIFF (the tags, band descriptions and band tags copied with it)."""
     import rasterio
+    import rasterio.shutil
     from rasterio.io import MemoryFile
-    from rio_cogeo.cogeo import cog_translate
 
     h, w = arrays[0].shape
     src_profile = {"driver": "GTiff", "width": w, "height": h, "count": len(arrays), "dtype": "float32",
                    "crs": rasterio.crs.CRS.from_wkt(CRS.from_user_input(result.crs).to_wkt()),
                    "transform": result.transform, "nodata": float("nan"), "tiled": True,
                    "blockxsize": blocksize, "blockysize": blocksize}
-    tags = full_tags(result)
+    tags = {**full_tags(result), "OVERVIEW_RESAMPLING": "AVERAGE"}  # as the dask writer records it
     with MemoryFile() as mem:
         with mem.open(**src_profile) as src:
             for i, (band, arr) in enumerate(zip(result.bands, arrays), 1):
@@ -62,9 +63,10 @@ def write_cog_file(result: MapResult, arrays: list[np.ndarray], path: Path, comp
         # the COG is built in memory and written to disk by Python: a full disk or a refused
         # write is one OSError (errno and path), never libtiff's own lines on stderr
         with mem.open() as src, MemoryFile() as cog:
-            cog_translate(src, cog.name, cog_profile(compress, blocksize), nodata=float("nan"),
-                          overview_resampling="average", forward_band_tags=True, quiet=True,
-                          in_memory=True)
+            prof = cog_profile(compress, blocksize)
+            rasterio.shutil.copy(src, cog.name, driver="COG", BLOCKSIZE=blocksize, COMPRESS=prof["compress"],
+                                 PREDICTOR="FLOATING_POINT", OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="AVERAGE",
+                                 BIGTIFF="IF_SAFER")
             cog.seek(0)
             with open(path, "wb") as fh:
                 while chunk := cog.read(8 << 20):
