@@ -258,16 +258,17 @@ def read_plane(store: EmbeddingStore, zoom_index: int, window: Window | None = N
     transform = _cell_transform(store, cell, rows.start, cols.start)
     zs = slice(zoom_index, zoom_index + 1)
     if level == 0:
-        status = np.asarray(store.read("status", rows, cols, zs))[0]
-        ok = status == DONE
+        names = ("status", "z_img") if refusion is not None else \
+            ("status", "mean", "var_sum", "uncertainty") if with_mean else ("status", "var_sum", "uncertainty")
+        d = store.read_arrays(names, rows, cols, zs)  # status first: DONE pixels' data were written before it
+        ok = np.asarray(d["status"])[0] == DONE
         if refusion is not None:
-            z = np.asarray(store.read("z_img", rows, cols, zs))[0]
-            z = np.where(ok[..., None], z, np.float16(np.nan))
+            z = np.where(ok[..., None], np.asarray(d["z_img"])[0], np.float16(np.nan))
             mean, vs, unc = refusion.fuse(z, transform)
         else:
-            mean = np.asarray(store.read("mean", rows, cols, zs))[0] if with_mean else None
-            vs = np.asarray(store.read("var_sum", rows, cols, zs), np.float32)[0]
-            unc = np.asarray(store.read("uncertainty", rows, cols, zs), np.float32)[0]
+            mean = np.asarray(d["mean"])[0] if with_mean else None
+            vs = np.asarray(d["var_sum"], np.float32)[0]
+            unc = np.asarray(d["uncertainty"], np.float32)[0]
         vs, unc = np.where(ok, vs, np.float32(np.nan)), np.where(ok, unc, np.float32(np.nan))
         if mean is not None:
             bad = ~ok

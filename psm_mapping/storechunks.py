@@ -120,40 +120,51 @@ class ChunkIO:
         ys, xs = block.slices
         if isinstance(zoom_index, slice) and zoom_index == slice(None):
             zoom_index = block.zoom_slice
-        return {n: self.read(n, ys, xs, zoom_index, where=f"block {block.index}") for n in names}
+        return self.read_arrays(names, ys, xs, zoom_index, where=f"block {block.index}")
 
     def read(self, name: str, ys: slice = slice(None), xs: slice = slice(None),
              zoom_index: int | slice = slice(None), where: str = "") -> np.ndarray:
         """``name[zoom, ys, xs(, :)]`` in one read (several chunks decode concurrently); a chunk
         that does not decode is a :class:`StoreError`."""
-        a = self._array(name)
+        return self.read_arrays((name,), ys, xs, zoom_index, where)[name]
+
+    def read_arrays(self, names, ys: slice = slice(None), xs: slice = slice(None),
+                    zoom_index: int | slice = slice(None), where: str = "") -> dict[str, np.ndarray]:
+        """``{name: name[zoom, ys, xs(, :)]}`` of one region: :meth:`read` for several arrays, with
+        ``status`` and ``valid`` read once for all their missing-chunk checks."""
         at = where or f"rows {ys.start}..{ys.stop}, columns {xs.start}..{xs.stop}"
+        out = {n: self._read_one(n, ys, xs, zoom_index, at) for n in names}
+        must = [n for n in names if n in self._must_be_present()]
+        if must:
+            try:
+                st = out["status"] if "status" in out else np.asarray(self._array("status")[zoom_index, ys, xs])
+                valid = out["valid"] if "valid" in out else np.asarray(self._array("valid")[zoom_index, ys, xs])
+            except Exception:  # unreadable status or valid: found when those are read
+                return out
+            for n in must:
+                self._check_present(n, out[n], np.asarray(st), np.asarray(valid), at)
+        return out
+
+    def _read_one(self, name: str, ys: slice, xs: slice, zoom_index: int | slice, at: str) -> np.ndarray:
+        a = self._array(name)
         try:
-            out = a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
+            return a[zoom_index, ys, xs, :] if a.ndim == 4 else a[zoom_index, ys, xs]
         except Exception as exc:  # a chunk that does not decode (truncated, overwritten)
             raise CorruptChunkError(f"the store {self.url} has a corrupt chunk in {name!r} at {at} "
                                     f"({type(exc).__name__}: {exc}): rerun the map command that "
                                     "built it (it recomputes corrupt blocks), or remove the store"
                                     ) from None
-        if name in self._must_be_present():
-            self._check_present(name, out, ys, xs, zoom_index, at)
-        return out
 
     def _must_be_present(self) -> tuple[str, ...]:
         """Arrays holding a value at every DONE pixel whose chip was embedded (valid >= min_valid)."""
         return ("z_img", "mean", "var_sum", "uncertainty", "valid") if self.spec.probabilistic else \
             ("z_img", "mean", "valid")
 
-    def _check_present(self, name: str, data, ys, xs, zoom_index, at: str) -> None:
+    def _check_present(self, name: str, data, st: np.ndarray, valid: np.ndarray, at: str) -> None:
         """A chunk missing where the status says DONE is corruption, found like a bad checksum: a
         missing chunk reads as its fill value (NaN), so a DONE pixel whose chip was embedded
         (valid >= min_valid) with NaN in ``name`` (or a DONE pixel with NaN ``valid``) means the
         chunk is gone (a whole chunk of NaN is never written for such pixels)."""
-        try:
-            st = np.asarray(self.group["status"][zoom_index, ys, xs])
-            valid = data if name == "valid" else np.asarray(self.group["valid"][zoom_index, ys, xs])
-        except Exception:  # unreadable status or valid: found when those are read
-            return
         done = st == DONE
         if not done.any():
             return
