@@ -12,6 +12,7 @@ CLI for ``--audio``.
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -446,3 +447,39 @@ def test_uploads_are_a_bounded_lru_deleted_on_shutdown(built, tmp_path):
     assert s.proc.wait(30) in (0, -signal.SIGTERM)
     s.stop()
     assert not folder.exists() and "Traceback" not in s.stderr()
+    # SIGKILL leaves the folder; the next server to start deletes it
+    s = TokenServer(built["serve_args"], tmp_path, extra_env={"TMPDIR": str(tmp)})
+    (killed,) = tmp.glob("psm-serve-audio-*")
+    s.proc.kill()
+    s.proc.wait(30)
+    s.stop()
+    assert killed.exists()
+    s = TokenServer(built["serve_args"], tmp_path, extra_env={"TMPDIR": str(tmp)})
+    try:
+        (own,) = tmp.glob("psm-serve-audio-*")
+        assert own != killed and not killed.exists()
+    finally:
+        assert s.stop() == 0
+
+
+def test_orphan_sweep_deletes_only_dead_servers_folders(tmp_path):
+    """Folders of PIDs no process has are deleted; a live PID's folder, a name without a PID and a
+    symlink are left."""
+    import subprocess
+
+    from psm_mapping.serve.uploads import PREFIX, sweep_orphans
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a PID no process has now (reaped)
+    dead = tmp_path / f"{PREFIX}{p.pid}-abc"
+    live = tmp_path / f"{PREFIX}{os.getppid()}-def"
+    odd = tmp_path / f"{PREFIX}x-ghi"
+    for d in (dead, live, odd):
+        d.mkdir()
+        (d / "clip.wav").write_bytes(b"RIFF")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / f"{PREFIX}{p.pid + 1000000}-lnk"
+    link.symlink_to(target, target_is_directory=True)
+    assert sweep_orphans(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and odd.exists() and link.is_symlink() and target.exists()

@@ -1,6 +1,7 @@
 """The explorer's uploaded audio clips: checked before anything is decoded, kept as files in a
 private temporary folder under a byte budget (least recently used first out), all deleted when
-the server stops.
+the server stops; the folders of servers that died without stopping are deleted when the next one
+starts (:func:`sweep_orphans`).
 
 An upload is refused, in this order: over ``max_upload_bytes`` (413), empty (400), a header
 soundfile cannot read (415), a header saying it lasts over ``max_seconds`` (413, nothing decoded),
@@ -30,6 +31,36 @@ MAX_UPLOADS = 1000
 MAX_PARALLEL_DECODES = 2
 
 
+#: the upload folder's name in the temporary folder: PREFIX, the server's PID, a random part
+PREFIX = "psm-serve-audio-"
+
+
+def sweep_orphans(root: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the upload folders of servers that died without cleaning up (SIGKILL, power loss):
+    folders named :data:`PREFIX` + PID in the temporary folder, owned by this user, whose PID no
+    process has. A folder whose PID is alive (maybe another server) is left. Returns those deleted."""
+    root = Path(root or tempfile.gettempdir())
+    gone = []
+    try:
+        entries = list(root.glob(f"{PREFIX}*-*"))
+    except OSError:
+        return gone
+    for d in entries:
+        pid = d.name[len(PREFIX):].split("-", 1)[0]
+        try:
+            st = d.lstat()
+            if not pid.isdigit() or int(pid) == os.getpid() or st.st_uid != os.getuid() or not d.is_dir() \
+                    or d.is_symlink():
+                continue
+            os.kill(int(pid), 0)  # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except (OSError, ValueError):
+            continue
+    return gone
+
+
 class UploadError(InputError):
     """A refused upload; ``status``: the HTTP status to answer with."""
 
@@ -45,7 +76,8 @@ class Uploads:
     def __init__(self, max_upload_bytes: int = 20 << 20, max_seconds: float = MAX_AUDIO_SECONDS,
                  cache_bytes: int = DEFAULT_UPLOAD_CACHE_BYTES, max_entries: int = MAX_UPLOADS):
         self.max_upload_bytes, self.max_seconds = int(max_upload_bytes), float(max_seconds)
-        self.dir = Path(tempfile.mkdtemp(prefix="psm-serve-audio-"))
+        sweep_orphans()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         self._lru = ByteLRU(int(cache_bytes), "uploaded clips", max_entries=max_entries,
                             on_evict=lambda _k, v: v[0].unlink(missing_ok=True))
         self._lock = threading.Lock()
@@ -125,4 +157,4 @@ class Uploads:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-__all__ = ["AUDIO_SUFFIXES", "DEFAULT_UPLOAD_CACHE_BYTES", "UploadError", "Uploads"]
+__all__ = ["AUDIO_SUFFIXES", "DEFAULT_UPLOAD_CACHE_BYTES", "PREFIX", "UploadError", "Uploads", "sweep_orphans"]
