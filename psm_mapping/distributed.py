@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .embed import ImageEmbedder, MetadataOptions, Timings, embed_block
-from .cluster import TorchThreads, connect  # noqa: F401  (public here too)
+from .cluster import TorchThreads, _threads_per_host, connect  # noqa: F401  (public here too)
 from .worker_cache import _CACHE, _worker_name, process_cache_info  # noqa: F401  (public here too)
 from . import constants
 from .errors import InputError, StoreError
@@ -185,23 +185,34 @@ def compute_store_distributed(client, store: EmbeddingStore, grid: OutputGrid, j
 
 
 # --------------------------------------------------------------------------- queries
+def _to_task(qm, qvs) -> tuple:
+    """A :class:`~psm_mapping.engine.QueryMatrix`'s tensors as NumPy arrays for a task's arguments."""
+    return qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float64)
+
+
+def _from_task(qmat):
+    """The :class:`~psm_mapping.engine.QueryMatrix` of :func:`_to_task`'s arrays, on a worker."""
+    import torch
+
+    from .engine import QueryMatrix
+
+    qm, qvs = qmat
+    return QueryMatrix(torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs))
+
+
 def _query_chunk(url: str, storage_options: dict, window, qmat, mask, job: BlockJob | None,
                  metadata: dict | None) -> np.ndarray:
     """Runs on a worker: ``[Q + 1, Z, h, w]`` = similarity per query, then uncertainty, of one
     output-grid window (:func:`psm_mapping.maps.window_maps`: every zoom, scale-true ones resampled)."""
-    import torch
-
-    from .engine import QueryMatrix, Refusion
+    from .engine import Refusion
     from .maps import _window_chunk
 
     store = _CACHE.store(url, storage_options)
-    qm, qvs = qmat
     refusion = None
     if job is not None:
         model, _ = _CACHE.model(job)
         refusion = Refusion(model, MetadataOptions(**metadata), store)
-    q = QueryMatrix(torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs))
-    return _window_chunk(store, q, refusion, window, mask).astype(np.float32, copy=False)
+    return _window_chunk(store, _from_task(qmat), refusion, window, mask).astype(np.float32, copy=False)
 
 
 def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: np.ndarray | None = None,
@@ -220,8 +231,7 @@ def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: n
     qm, qvs, rerun = prepare_query(store, queries, metadata, can_rerun=job is not None or model is not None)
     if rerun and job is None:
         raise StoreError("fusion re-runs on the workers need the checkpoint: pass a BlockJob")
-    qmat = dask.delayed((qm.numpy().astype(np.float32), None if qvs is None else qvs.numpy().astype(np.float64)),
-                        pure=True)
+    qmat = dask.delayed(_to_task(qm, qvs), pure=True)
     md = metadata.as_dict() if rerun else None
     url, so = store.url, storage_options or {}
 
@@ -239,16 +249,11 @@ def query_store_dask(store: EmbeddingStore, queries: Sequence[Query], *, mask: n
 def _cube_tile(url: str, storage_options: dict, job: BlockJob, metadata: dict, axes, qmat, tile):
     """Runs on a worker: one cube tile (:func:`psm_mapping.cube.tile_cube`), the fusion re-run per
     setting with the worker's model."""
-    import torch
-
     from .cube import setting_refusions, tile_cube
-    from .engine import QueryMatrix
 
     store = _CACHE.store(url, storage_options)
     model, _ = _CACHE.model(job)
-    qm, qvs = qmat
-    q = QueryMatrix(torch.from_numpy(qm), None if qvs is None else torch.from_numpy(qvs))
-    sim, unc = tile_cube(store, q, setting_refusions(store, model, MetadataOptions(**metadata), axes), tile)
+    sim, unc = tile_cube(store, _from_task(qmat), setting_refusions(store, model, MetadataOptions(**metadata), axes), tile)
     return tile, sim, unc
 
 
@@ -265,14 +270,12 @@ def cube_runner(client, store: EmbeddingStore, queries: Sequence[Query], job: Bl
     from .engine import query_matrix
 
     qm = query_matrix(list(queries), store.spec.probabilistic)
-    qmat = (qm.mean.numpy().astype(np.float32),
-            None if qm.var_sum is None else qm.var_sum.numpy().astype(np.float64))
+    qmat = _to_task(qm.mean, qm.var_sum)
     md, url, so = metadata.as_dict(), store.url, dict(storage_options or {})
 
     def run(tiles):
         it = iter(tiles)
-        limit = in_flight or 2 * max(1, sum(int(w.get("nthreads", 1)) for w in
-                                            client.scheduler_info(n_workers=-1)["workers"].values()))
+        limit = in_flight or 2 * max(1, sum(_threads_per_host(client).values()))
 
         def submit(w):
             return client.submit(_cube_tile, url, so, job, md, axes, qmat, w, pure=False, retries=retries)

@@ -258,8 +258,10 @@ def read_plane(store: EmbeddingStore, zoom_index: int, window: Window | None = N
     transform = _cell_transform(store, cell, rows.start, cols.start)
     zs = slice(zoom_index, zoom_index + 1)
     if level == 0:
-        names = ("status", "z_img") if refusion is not None else \
-            ("status", "mean", "var_sum", "uncertainty") if with_mean else ("status", "var_sum", "uncertainty")
+        if refusion is not None:
+            names = ("status", "z_img")
+        else:
+            names = ("status", "mean", "var_sum", "uncertainty") if with_mean else ("status", "var_sum", "uncertainty")
         d = store.read_arrays(names, rows, cols, zs)  # status first: DONE pixels' data were written before it
         ok = np.asarray(d["status"])[0] == DONE
         if refusion is not None:

@@ -14,19 +14,19 @@ past GDAL: the COG writer therefore builds its file in memory and writes it with
 zarr writes its chunks from futures on its own event loop: when one write fails (a full disk),
 the store's error arrives as one line, and the sibling futures that failed the same way are
 dropped unread, which makes ``asyncio`` log "Future exception was never retrieved" with a
-traceback at ERROR. Those records go the same way (DEBUG under ``psm_mapping.gdal``).
+traceback at ERROR. Those records alone (an unread future whose exception is an ``OSError``) go
+the same way (DEBUG under ``psm_mapping.gdal``); every other ``asyncio`` record (the explorer's
+server runs on asyncio) reaches the console as before.
 """
 from __future__ import annotations
 
 import logging
 import os
 
-__all__ = ["ECHO_LOGGERS", "GDAL_LOGGERS", "route_gdal_messages"]
+__all__ = ["GDAL_LOGGERS", "route_gdal_messages"]
 
 #: loggers the GDAL bindings write GDAL's messages to
 GDAL_LOGGERS = ("rasterio", "pyogrio", "fiona")
-#: other libraries' loggers that repeat an error the command already reports as one line
-ECHO_LOGGERS = ("asyncio",)
 log = logging.getLogger("psm_mapping.gdal")
 
 
@@ -41,9 +41,24 @@ class _ToProjectLog(logging.Handler):
         log.debug("%s (%s): %s", record.name, record.levelname, text)
 
 
+class _UnreadIOFutures(logging.Filter):
+    """On the ``asyncio`` logger: an unread future that failed with an ``OSError`` (zarr's sibling
+    chunk writes) is re-logged at DEBUG under ``psm_mapping.gdal`` instead of printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if str(record.msg).startswith("Future exception was never retrieved") and isinstance(exc, OSError):
+            _ToProjectLog().emit(record)
+            return False
+        return True
+
+
 def route_gdal_messages() -> None:
     """Send GDAL's messages to :data:`log` at DEBUG (idempotent; call once at program start)."""
-    for name in GDAL_LOGGERS + ECHO_LOGGERS:
+    aio = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnreadIOFutures) for f in aio.filters):
+        aio.addFilter(_UnreadIOFutures())
+    for name in GDAL_LOGGERS:
         lg = logging.getLogger(name)
         if not any(isinstance(h, _ToProjectLog) for h in lg.handlers):
             lg.addHandler(_ToProjectLog())

@@ -85,7 +85,7 @@ class GridEstimate:
                f"{self.chips:,} chips ({self.chips / max(1, self.pixels):.2f} per pixel)") if scale \
             else f" = {self.chips:,} chips"
         return (f"{self.pixels:,} pixels x {len(self.zoom_levels)} zoom levels "
-                f"{tuple(self.zoom_levels)}{how} in {self.blocks} blocks; "
+                f"{tuple(self.zoom_levels)}{how} in {self.blocks} block{'' if self.blocks == 1 else 's'}; "
                 f"with a full-size ViT-B/16 roughly {_fmt_s(self.seconds_gpu)} on a GPU, "
                 f"{_fmt_s(self.seconds_cpu)} on CPU")
 

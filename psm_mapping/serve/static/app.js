@@ -230,7 +230,6 @@
   function writeAddress() {
     const p = queryParams(true);
     if (token) p.set("token", token);
-    if (!state.text) p.delete("text");
     if (state.month === 0) p.set("month", "0");  // "any", unlike no month (the stored one)
     if (state.hour < 0) p.set("hour", "-1");
     history.replaceState(null, "", location.pathname + "?" + p.toString());
